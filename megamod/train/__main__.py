@@ -1,0 +1,5 @@
+import sys
+
+from megamod.train.cli import main
+
+sys.exit(main())

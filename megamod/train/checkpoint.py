@@ -1,0 +1,161 @@
+"""Checkpoints: DeepSpeed's files plus ours, and a completeness marker that makes them safe.
+
+Layout of ``{run_dir}/checkpoints``::
+
+    step_00000100/                      one tag per save
+        mp_rank_00_model_states.pt      DeepSpeed: module weights, lr scheduler, client state
+        *_optim_states.pt               DeepSpeed: ZeRO-partitioned optimizer state
+        megamod_rank00003.pt            ours, one per rank: RNG states (torch, numpy, python, cuda)
+        megamod_complete.json           written by rank 0 after every rank finished: step,
+                                        consumed samples, FLOPs so far, config. Its presence is
+                                        what makes the checkpoint "complete".
+    latest                              DeepSpeed's pointer, rewritten only after the marker,
+                                        so zero_to_fp32.py and load_checkpoint see complete tags.
+
+A run killed mid-save leaves a tag without the marker; ``find_latest_complete`` skips it and the
+next save of the same step overwrites it. Saves go through the DeepSpeed engine on every rank
+(a collective); the marker is written after a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "megamod_complete.json"
+_TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+@dataclass
+class TrainState:
+    """Everything beyond DeepSpeed's files that an exact resume needs."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    flops: float = 0.0
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def list_tags(ckpt_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, tag, complete) for every step_* directory, newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = _TAG_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), name, os.path.exists(os.path.join(ckpt_dir, name, MARKER))))
+    return sorted(out, reverse=True)
+
+
+def find_latest_complete(ckpt_dir: str) -> str | None:
+    for _, tag, complete in list_tags(ckpt_dir):
+        if complete:
+            return tag
+    return None
+
+
+def save(engine, ckpt_dir: str, state: TrainState, config: dict[str, Any], keep_last: int) -> str:
+    """Collective: every rank calls it. Returns the tag."""
+    tag = tag_for(state.step)
+    rank = dist.get_rank()
+    path = os.path.join(ckpt_dir, tag)
+    if rank == 0 and os.path.exists(os.path.join(path, MARKER)):
+        os.remove(os.path.join(path, MARKER))  # re-saving a step: invalid until rewritten
+    dist.barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+    torch.save(_rng_state(), os.path.join(path, f"megamod_rank{rank:05d}.pt"))
+    dist.barrier()  # every rank's files are on disk before the marker says so
+    if rank == 0:
+        meta = {"step": state.step, "consumed_samples": state.consumed_samples, "flops": state.flops,
+                "world_size": dist.get_world_size(), "config": config}
+        _atomic_write_text(os.path.join(path, MARKER), json.dumps(meta, indent=1))
+        _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: str, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete tags; drop older ones and stale incomplete ones."""
+    tags = list_tags(ckpt_dir)
+    complete = [t for t in tags if t[2]]
+    if not complete:
+        return
+    keep = {tag for _, tag, _ in complete[:max(1, keep_last)]}
+    newest_step = complete[0][0]
+    for step, tag, is_complete in tags:
+        if tag not in keep and (is_complete or step < newest_step):
+            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+
+
+def load(engine, ckpt_dir: str, tag: str) -> TrainState:
+    """Collective. Restores DeepSpeed state and ours; returns the train state to continue from."""
+    path = os.path.join(ckpt_dir, tag)
+    with open(os.path.join(path, MARKER)) as f:
+        meta = json.load(f)
+    if meta["world_size"] != dist.get_world_size():
+        # DeepSpeed's ZeRO shards are tied to the DP size; say so instead of failing in DeepSpeed.
+        raise RuntimeError(
+            f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
+            f"{dist.get_world_size()}; resume with the same number of processes (or convert it with "
+            f"DeepSpeed's ds_to_universal.py and load it as a universal checkpoint)")
+    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    rng_file = os.path.join(path, f"megamod_rank{dist.get_rank():05d}.pt")
+    _set_rng_state(torch.load(rng_file, weights_only=False))
+    return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"], flops=meta["flops"])
+
+
+def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
+    """fp32 weights from a (ZeRO-partitioned) checkpoint, via DeepSpeed's zero_to_fp32 — loads
+    into ``GPT`` with ``strict=True``. Works offline, no process group needed."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or find_latest_complete(ckpt_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (a step_* dir with {MARKER})")
+    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    return {k: v.contiguous() if hasattr(v, "contiguous") else v for k, v in sd.items()}
+
+
+def read_meta(ckpt_dir: str, tag: str) -> dict[str, Any]:
+    with open(os.path.join(ckpt_dir, tag, MARKER)) as f:
+        return json.load(f)

@@ -1,0 +1,70 @@
+"""Analytic FLOPs of a training step, for TFLOP/s and MFU.
+
+Conventions (PaLM appendix B, and what torch.utils.flop_counter counts):
+- a (m×k)·(k×n) matmul is 2mkn FLOPs; elementwise work, norms and softmax are not counted;
+- attention scores and the weighted sum are counted for the full S×S square (not halved for
+  causality), 4·S²·d per layer and sequence in the forward pass;
+- backward is twice the forward, so a training step is 3× forward (6N + 12·L·d·S per token);
+- the input embedding is a lookup (0 FLOPs); the output projection is a matmul.
+Mixture-of-Depths: a routed block at capacity c runs its linears on c·S tokens and its
+attention on a (c·S)² square, plus the router (2d per token) and predictor.
+"""
+
+from __future__ import annotations
+
+import math
+
+from megamod.config import Config, ModelConfig
+
+
+def block_linear_params(m: ModelConfig) -> int:
+    kv = m.n_kv_heads * m.head_dim
+    return m.d_model * (m.d_model + 2 * kv) + m.d_model * m.d_model + 3 * m.d_model * m.ffn_hidden
+
+
+def routed_layers(cfg: Config) -> list[int]:
+    if not cfg.mod.enabled:
+        return []
+    if cfg.mod.layers:
+        return sorted(cfg.mod.layers)
+    return [i for i in range(cfg.model.n_layers) if i % cfg.mod.every == cfg.mod.every - 1]
+
+
+def mod_capacity_tokens(capacity: float, seq_len: int) -> int:
+    """k = max(1, floor(capacity · S)) tokens per sequence (DESIGN.md, MoD)."""
+    return max(1, math.floor(capacity * seq_len))
+
+
+def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
+    """Forward FLOPs of one block for one sequence of seq_len tokens."""
+    m = cfg.model
+    tokens = seq_len
+    extra = 0
+    if layer_id in routed_layers(cfg):
+        tokens = mod_capacity_tokens(cfg.mod.capacity, seq_len)
+        extra = 2 * m.d_model * seq_len  # router r = wᵀx on every token
+        if cfg.mod.predictor:
+            hidden = cfg.mod.predictor_hidden or m.d_model // 8
+            extra += 2 * seq_len * (m.d_model * hidden + hidden)
+    return 2 * tokens * block_linear_params(m) + 4 * tokens * tokens * m.d_model + extra
+
+
+def forward_flops_per_sequence(cfg: Config, seq_len: int | None = None) -> int:
+    s = cfg.train.seq_len if seq_len is None else seq_len
+    layers = sum(layer_forward_flops(cfg, i, s) for i in range(cfg.model.n_layers))
+    return layers + 2 * s * cfg.model.d_model * cfg.model.vocab_size
+
+
+def train_flops_per_step(cfg: Config, sequences: int) -> int:
+    """FLOPs of forward + backward over ``sequences`` samples (the whole global batch, or a rank's)."""
+    return 3 * forward_flops_per_sequence(cfg) * sequences
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    """Dense peak FLOP/s for MFU; None where unknown (CPU). H100 SXM bf16: 989 TFLOP/s."""
+    name = device_name.upper()
+    table = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+    for key, bf16 in table.items():
+        if key in name:
+            return bf16 if dtype == "bf16" else bf16 / 2  # tf32 is half the bf16 rate
+    return None

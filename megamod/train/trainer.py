@@ -1,0 +1,205 @@
+"""The training loop on a DeepSpeed engine.
+
+Split as torchtitan's: ``forward_backward_step`` (one micro-batch), ``train_step`` (one optimizer
+step over grad_accum micro-batches), ``train`` (the loop: logging, evaluation, checkpoints, stop
+requests). Loss values stay on the device between log intervals, so the loop does not sync
+every step.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megamod.config import Config
+from megamod.model.gpt import GPT, build_model
+from megamod.model.transforms import apply_activation_checkpointing, apply_compile
+from megamod.parallel.dims import ParallelDims
+from megamod.parallel.parallelize import LossFn, build_loss_fn, parallelize_model
+from megamod.train import checkpoint as ckpt
+from megamod.train.data import build_train_valid, micro_batches
+from megamod.train.engine import build_engine, resolve_dtype
+from megamod.train.flops import peak_flops, train_flops_per_step
+from megamod.train.metrics import MetricsLogger
+from megamod.train.signals import StopController, requeue_slurm_job
+
+
+@dataclass
+class Trainer:
+    # configuration and topology
+    cfg: Config
+    dims: ParallelDims
+    device: torch.device
+    # model and optimisation (the engine owns optimizer, scheduler, ZeRO state, clipping)
+    model: GPT
+    loss_fn: LossFn
+    engine: Any
+    # data
+    train_data: Any
+    valid_data: Any
+    # progress and I/O
+    state: ckpt.TrainState
+    metrics: MetricsLogger
+    stop: StopController
+
+    @property
+    def ckpt_dir(self) -> str:
+        return os.path.join(self.cfg.train.run_dir, "checkpoints")
+
+    @classmethod
+    def build(cls, cfg: Config, dims: ParallelDims, device: torch.device) -> "Trainer":
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            apply_compile(model)
+        engine = build_engine(cfg, model, dims, device)
+        train_data, valid_data = build_train_valid(cfg, dims.dp)
+        metrics = MetricsLogger(cfg.train.run_dir, enabled=dims.rank == 0, tensorboard=cfg.logging.tensorboard,
+                                progress=cfg.train.progress, total_steps=cfg.train.steps)
+        stop = StopController(cfg.train.exit_after_minutes or None)
+        trainer = cls(cfg, dims, device, model, build_loss_fn(cfg, dims), engine, train_data, valid_data,
+                      ckpt.TrainState(), metrics, stop)
+        if cfg.checkpoint.resume:
+            trainer.resume()
+        return trainer
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def resume(self) -> None:
+        tag = [ckpt.find_latest_complete(self.ckpt_dir) if self.dims.rank == 0 else None]
+        dist.broadcast_object_list(tag, src=0)  # every rank loads the same tag
+        if tag[0] is None:
+            return
+        saved = ckpt.read_meta(self.ckpt_dir, tag[0])["config"]["model"]
+        now = self.cfg.to_dict()["model"]
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if diff:
+            flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
+            raise RuntimeError(f"checkpoint {self.ckpt_dir}/{tag[0]} has another architecture: {flags}. "
+                               f"Use the checkpoint's model flags, or a new --train.run_dir")
+        self.state = ckpt.load(self.engine, self.ckpt_dir, tag[0])
+        if self.dims.rank == 0:
+            print(f"resumed from {self.ckpt_dir}/{tag[0]} at step {self.state.step}", flush=True)
+
+    def save(self) -> str:
+        return ckpt.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(), self.cfg.checkpoint.keep_last)
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def forward_backward_step(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True)
+        tokens, targets = batch[:, :-1], batch[:, 1:]  # (B, S) each
+        loss = self.loss_fn(self.engine(tokens), targets)
+        self.engine.backward(loss)
+        self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        return loss.detach()
+
+    def train_step(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:
+        losses = [self.forward_backward_step(next(batches)) for _ in range(self.cfg.train.grad_accum)]
+        t = self.cfg.train
+        self.state.step += 1
+        self.state.consumed_samples += t.micro_batch_size * t.grad_accum * self.dims.dp
+        self.state.flops += train_flops_per_step(self.cfg, t.micro_batch_size * t.grad_accum * self.dims.dp)
+        return torch.stack(losses).mean()
+
+    def _dp_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().float().clone()
+        dist.all_reduce(value, group=self.dims.group("dp"))
+        return value.item() / self.dims.dp
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        t = self.cfg.train
+        batches = micro_batches(self.valid_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp, 0)
+        total = torch.zeros((), device=self.device)
+        for _ in range(t.eval_steps):
+            batch = next(batches).to(self.device)
+            total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
+        self.engine.train()
+        return self._dp_mean(total / t.eval_steps)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        batches = micro_batches(self.train_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp,
+                                self.state.consumed_samples)
+        self.stop.install()
+        dtype = resolve_dtype(cfg, self.device)
+        peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu", dtype)
+        tokens_per_step = t.micro_batch_size * t.grad_accum * self.dims.dp * t.seq_len
+        last: dict[str, float] = {}
+        if self.state.step == 0 and t.eval_interval > 0:
+            last["val_loss"] = self.evaluate()
+            self.metrics.log(0, {"val_loss": last["val_loss"], "val_ppl": _ppl(last["val_loss"])}, "valid")
+        window_start, window_steps = time.perf_counter(), 0
+        try:
+            while self.state.step < t.steps:
+                loss = self.train_step(batches)
+                window_steps += 1
+                step = self.state.step
+                self.metrics.advance(1)
+                if step % t.log_interval == 0 or step == t.steps:
+                    last["loss"] = self._dp_mean(loss)  # syncs: only at log intervals
+                    elapsed = time.perf_counter() - window_start
+                    self._log_train(step, last["loss"], elapsed / window_steps, tokens_per_step, peak)
+                    window_start, window_steps = time.perf_counter(), 0
+                if t.eval_interval > 0 and step % t.eval_interval == 0 and step != t.steps:
+                    last["val_loss"] = self.evaluate()
+                    self.metrics.log(step, {"val_loss": last["val_loss"], "val_ppl": _ppl(last["val_loss"])}, "valid")
+                    window_start, window_steps = time.perf_counter(), 0  # evaluation is not step time
+                if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != t.steps:
+                    self.save()
+                if step == t.exit_at_step:
+                    self.save()
+                    return last
+                if self.stop.should_stop(self.dims.group("control")):
+                    self.save()
+                    if self.dims.rank == 0:
+                        print(f"stopping at step {step}: {self.stop.reason}; checkpoint saved", flush=True)
+                        if self.stop.reason and self.stop.reason.startswith("signal"):
+                            requeue_slurm_job()
+                    return last
+            last["val_loss"] = self.evaluate()
+            self.metrics.log(self.state.step, {"val_loss": last["val_loss"], "val_ppl": _ppl(last["val_loss"])}, "valid")
+            tag = self.save()
+            if self.dims.rank == 0:
+                print(f"done: {self.state.step} steps; checkpoint {self.ckpt_dir}/{tag}; TensorBoard: "
+                      f"tensorboard --logdir {os.path.join(t.run_dir, 'tensorboard')}", flush=True)
+            return last
+        finally:
+            self.stop.uninstall()
+            self.metrics.close()
+
+    def _log_train(self, step: int, loss: float, step_time: float, tokens_per_step: int, peak: float | None) -> None:
+        flops_per_rank = train_flops_per_step(self.cfg, self.cfg.train.micro_batch_size * self.cfg.train.grad_accum)
+        tflops = flops_per_rank / step_time / 1e12  # per device: each rank does its share
+        values = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _float(self.engine.get_global_grad_norm()),
+                  "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time, "tflops_per_device": tflops,
+                  "skipped_steps": float(getattr(self.engine, "skipped_steps", 0))}
+        for name, module in self.model.named_modules():
+            if hasattr(module, "log_metrics"):  # seam for MoD routers, MoBA gates, ...
+                values.update({f"{name}/{k}": v for k, v in module.log_metrics().items()})
+        if peak:
+            values["mfu"] = tflops * 1e12 / peak
+        if self.device.type == "cuda":
+            values["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        self.metrics.log(step, values)
+
+
+def _ppl(loss: float) -> float:
+    return float(torch.tensor(loss).clamp(max=50).exp())
+
+
+def _float(x: Any) -> float:
+    if x is None:
+        return float("nan")
+    return float(x.item() if hasattr(x, "item") else x)
