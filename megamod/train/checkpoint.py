@@ -145,15 +145,21 @@ def load(engine, ckpt_dir: str, tag: str) -> TrainState:
 
 
 def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 weights from a (ZeRO-partitioned) checkpoint, via DeepSpeed's zero_to_fp32 — loads
-    into ``GPT`` with ``strict=True``. Works offline, no process group needed."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """fp32 weights of a checkpoint, for the single-device model with ``strict=True``.
 
+    ZeRO ≥ 1 keeps the fp32 master weights partitioned in the optimizer files: DeepSpeed's
+    zero_to_fp32 reassembles them. Without ZeRO the module file holds the full weights.
+    Works offline, no process group needed.
+    """
     tag = tag or find_latest_complete(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (a step_* dir with {MARKER})")
-    sd = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    return {k: v.contiguous() if hasattr(v, "contiguous") else v for k, v in sd.items()}
+    if read_meta(ckpt_dir, tag)["config"]["optim"]["zero_stage"] == 0:
+        module = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+        return {k: v.float() for k, v in module.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
 
 
 def read_meta(ckpt_dir: str, tag: str) -> dict[str, Any]:
