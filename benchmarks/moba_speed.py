@@ -1,0 +1,330 @@
+"""MoBA (Triton) against dense causal attention (PyTorch SDPA: cuDNN and flash backends).
+
+One GPU, heads 16, head dim 128, bf16, random inputs, one sequence per point, forward and
+forward + backward (MoBA's gating, sort and planning included). Also: a bf16/fp32 check of the
+kernels against the dense masked reference, peak memory per point, an optional tile-config sweep,
+and the fraction of 128x128 tiles a tile-sparse kernel (FlexAttention) would have to visit for
+MoBA's per-token picks.
+
+  python benchmarks/moba_speed.py --check --points 32768:512:3,131072:512:3,1048576:4096:12 \
+      --dense-max 1048576 --md benchmarks/results/moba_speed.md
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from megamod.ops import moba_triton as mt  # noqa: E402
+from megamod.ops.moba import moba_attn_varlen_reference, moba_select_blocks  # noqa: E402
+
+H, D = 16, 128
+DEV = "cuda"
+
+
+def timed(fn, reps, warmup=1):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return statistics.median(out), out
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def check(log):
+    """Kernels vs the dense reference (fp32 math on the same inputs), fresh random inputs."""
+    torch.manual_seed(1)
+    cases = [  # lens, chunk, topk, H, Hkv, D, dtype
+        ([1000, 3000, 77], 64, 3, 4, 2, 128, torch.bfloat16),
+        ([4096], 512, 3, 16, 16, 128, torch.bfloat16),
+        ([2048, 1500], 128, 5, 8, 2, 128, torch.bfloat16),
+        ([2500, 1700], 128, 4, 4, 1, 64, torch.float32),
+        ([777, 1290], 100, 3, 4, 4, 96, torch.float32),
+    ]
+    ok = True
+    for lens, B, topk, h, hkv, d, dt in cases:
+        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
+        T = int(cu[-1])
+        q = torch.randn(T, h, d, device=DEV, dtype=dt, requires_grad=True)
+        k = torch.randn(T, hkv, d, device=DEV, dtype=dt, requires_grad=True)
+        v = torch.randn(T, hkv, d, device=DEV, dtype=dt, requires_grad=True)
+        do = torch.randn(T, h, d, device=DEV, dtype=dt)
+        o, lse = mt.moba_attn_varlen_triton(q, k, v, cu, max(lens), B, topk, return_lse=True)
+        g = torch.autograd.grad(o, (q, k, v), do)
+        q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+        o_r, lse_r = moba_attn_varlen_reference(q32, k32, v32, cu, max(lens), B, topk, return_lse=True)
+        g_r = torch.autograd.grad(o_r, (q32, k32, v32), do.float())
+        picks = mt.moba_gate_triton(q, k, cu, max(lens), B, topk).long().sort(-1).values
+        picks_r = moba_select_blocks(q, k, cu, B, topk).sort(-1).values
+        agree = (picks == picks_r).all(-1).float().mean().item()
+        fma = dict(mt.default_cfg(q, B), gate_prec="fma")
+        picks_f = mt.moba_gate_triton(q, k, cu, max(lens), B, topk, cfg=fma).long().sort(-1).values
+        agree_fma = (picks_f == picks_r).all(-1).float().mean().item()
+        errs = [rel(o, o_r), rel(lse, lse_r)] + [rel(a, b) for a, b in zip(g, g_r)]
+        tol = 1e-2 if dt == torch.bfloat16 else 1e-5
+        good = max(errs) < tol and torch.isfinite(o).all().item()
+        ok &= good
+        log(f"check {str(dt)[6:]:8s} lens={lens} B={B} topk={topk} H={h}/{hkv} D={d}: "
+            f"out {errs[0]:.2e} lse {errs[1]:.2e} dq {errs[2]:.2e} dk {errs[3]:.2e} dv {errs[4]:.2e} "
+            f"(tol {tol:g}) picks agree with torch fp32: {mt.default_cfg(q, B)['gate_prec']} {agree:.5f}, "
+            f"fma {agree_fma:.5f} -> {'OK' if good else 'FAIL'}")
+    return ok
+
+
+def tile_visit_fraction(T, B, topk, tile=128):
+    """Fraction of the causal 128x128 (query, key) tiles that hold at least one picked pair
+    (random inputs): a tile-sparse kernel such as FlexAttention must visit all of them."""
+    torch.manual_seed(2)
+    q = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+    sel = mt.moba_gate_triton(q, k, cu, T, B, topk).long()  # [T, H, KS]
+    nq, per = T // tile, B // tile  # key tiles per block
+    own = torch.arange(T, device=DEV) // B
+    visited = 0
+    for h in range(H):
+        hit = torch.zeros(nq, T // B, dtype=torch.bool, device=DEV)  # [query tile, block]
+        s = sel[:, h, :]
+        qt = (torch.arange(T, device=DEV) // tile)[:, None].expand_as(s)
+        m = s >= 0
+        hit[qt[m], s[m]] = True
+        hit[torch.arange(nq, device=DEV), own[::tile]] = True  # own block
+        # a picked past block costs all its key tiles; the own block only those up to the diagonal
+        visited += (hit.sum() - nq).item() * per + sum(min(per, (i % per) + 1) for i in range(nq))
+    causal_tiles = H * nq * (nq + 1) // 2
+    return visited / causal_tiles
+
+
+def bench_point(T, B, topk, reps, dense, log, cfg):
+    torch.manual_seed(0)
+    q = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+    row = dict(T=T, B=B, topk=topk)
+
+    def moba_fwd():
+        with torch.no_grad():
+            mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg)
+
+    def moba_fb():
+        q.grad = k.grad = v.grad = None
+        mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg).backward(do)
+
+    row["moba_fwd"], _ = timed(moba_fwd, reps)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    row["moba_fb"], _ = timed(moba_fb, reps)
+    row["moba_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    row["inputs_gb"] = base / 2**30
+    # breakdown of one forward + backward
+    with torch.no_grad():
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+        ev[0].record()
+        plan = mt._plan(q, k, cu, T, B, topk, cfg)
+        ev[1].record()
+        out, lse2 = mt._forward(q, k, v, plan, cfg)
+        ev[2].record()
+        mt._backward(q, k, v, out, lse2, do, None, plan, cfg)
+        ev[3].record()
+        torch.cuda.synchronize()
+        row["t_plan"], row["t_fwd_attn"], row["t_bwd"] = (ev[i].elapsed_time(ev[i + 1]) for i in range(3))
+        del plan, out, lse2
+    log(f"moba T={T} B={B} topk={topk}: fwd {row['moba_fwd']:.2f} ms, fwd+bwd {row['moba_fb']:.2f} ms "
+        f"(gate+plan {row['t_plan']:.2f}, attn fwd {row['t_fwd_attn']:.2f}, bwd {row['t_bwd']:.2f}); "
+        f"peak extra {row['moba_peak_gb']:.2f} GiB over inputs {row['inputs_gb']:.2f} GiB")
+    if dense:
+        qd, kd, vd, dod = (x.detach().view(1, T, H, D).transpose(1, 2) for x in (q, k, v, do))  # [1, H, T, D]
+        qd.requires_grad_(), kd.requires_grad_(), vd.requires_grad_()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        dreps = max(1, reps if T <= 131072 else 1)
+        for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+            if T > 131072 and name == "flash" and not dense_flash_1m:
+                continue
+
+            def d_fwd():
+                with torch.no_grad(), sdpa_kernel(be):
+                    F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
+
+            def d_fb():
+                qd.grad = kd.grad = vd.grad = None
+                with sdpa_kernel(be):
+                    F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).backward(dod)
+
+            try:
+                row[f"{name}_fwd"], _ = timed(d_fwd, dreps)
+                # at 1M one fwd+bwd takes ~30 s: no separate warm-up (the forward is warm already)
+                row[f"{name}_fb"], _ = timed(d_fb, dreps, warmup=1 if T <= 131072 else 0)
+                log(f"dense {name} T={T}: fwd {row[f'{name}_fwd']:.2f} ms, fwd+bwd {row[f'{name}_fb']:.2f} ms; "
+                    f"speed-up fwd {row[f'{name}_fwd'] / row['moba_fwd']:.1f}x, "
+                    f"fwd+bwd {row[f'{name}_fb'] / row['moba_fb']:.1f}x")
+            except RuntimeError as e:  # a backend that refuses the shape
+                log(f"dense {name} T={T}: failed: {str(e)[:200]}")
+    del q, k, v, do
+    torch.cuda.empty_cache()
+    return row
+
+
+def sweep(T, B, topk, log):
+    """Time the kernels of each phase for a few tile configs (one point)."""
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+    variants = {
+        "gate": [(64, 32, 4, 8, "fma"), (32, 32, 8, 4, "fma"), (64, 64, 4, 8, "fma"), (64, 32, 4, 4, "tf32x3")],
+        "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 2)],
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
+        "kv": [(64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (16, 128, 4, 2)],
+    }
+    plan = mt._plan(q, k, cu, T, B, topk, mt.GPU_CFG)
+    out, lse2 = mt._forward(q, k, v, plan, mt.GPU_CFG)
+    best = {}
+    for phase, vs in variants.items():
+        for var in vs:
+            if phase == "gate":
+                bm, bn, dc, w, st = var
+                cfg = dict(mt.GPU_CFG, gate_bm=bm, gate_nblk=bn, gate_dc=dc, gate_warps=w, gate_prec=st)
+                fn = lambda: mt._plan(q, k, cu, T, B, topk, cfg)  # noqa: E731
+            else:
+                bm, bn, w, st = var
+                cfg = dict(mt.GPU_CFG, **{f"{phase}_bm": bm, f"{phase}_bn": bn, f"{phase}_warps": w,
+                                          f"{phase}_stages": st})
+            if phase == "fwd":
+                fn = lambda: mt._forward(q, k, v, plan, cfg)  # noqa: E731
+            elif phase in ("dq", "kv"):
+                fn = lambda: mt._backward(q, k, v, out, lse2, do, None, plan, cfg)  # noqa: E731
+            try:
+                t, _ = timed(fn, 5)
+                log(f"sweep T={T} {phase} bm={bm} bn={bn} warps={w} stages={st}: {t:.2f} ms")
+                if t < best.get(phase, (1e9,))[0]:
+                    best[phase] = (t, var)
+            except Exception as e:  # noqa: BLE001 (out of resources etc.)
+                log(f"sweep T={T} {phase} bm={bm} bn={bn} warps={w} stages={st}: failed {str(e)[:120]}")
+    log(f"sweep best: {best}")
+    names = dict(gate=("bm", "nblk", "dc", "warps", "prec"))
+    upd = {}
+    for phase, (_, var) in best.items():
+        for key, val in zip(names.get(phase, ("bm", "bn", "warps", "stages")), var):
+            upd[f"{phase}_{key}"] = val
+    return upd
+
+
+def profile(T, B, topk, log, cfg):
+    """Per-kernel GPU time of one forward + backward (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16)
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+    for _ in range(2):
+        mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg).backward(do)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg).backward(do)
+        torch.cuda.synchronize()
+    log(f"profile T={T} B={B} topk={topk}:")
+    for line in p.key_averages().table(sort_by="cuda_time_total", row_limit=18).splitlines():
+        log("  " + line[:160])
+
+
+dense_flash_1m = False
+
+
+def main():
+    global dense_flash_1m
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--sweep", default="", help="T:chunk:topk point to sweep tile configs at")
+    ap.add_argument("--points", default="32768:512:3,131072:512:3,1048576:4096:12")
+    ap.add_argument("--dense-max", type=int, default=131072, help="largest T for the dense baselines")
+    ap.add_argument("--dense-flash-1m", action="store_true")
+    ap.add_argument("--profile", default="", help="T:chunk:topk points (comma list) to profile")
+    ap.add_argument("--tiles", action="store_true", help="tile-visit fraction of a tile-sparse kernel")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--md", default="")
+    ap.add_argument("--cfg", default="", help="overrides of GPU_CFG, e.g. fwd_bn=128,kv_bm=32")
+    args = ap.parse_args()
+    dense_flash_1m = args.dense_flash_1m
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    overrides = {}
+    for kv in filter(None, args.cfg.split(",")):
+        a, b = kv.split("=")
+        overrides[a] = b if a == "gate_prec" else int(b)
+    mt.GPU_CFG.update(overrides)
+    cfg = dict(mt.GPU_CFG)
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    log(f"date {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; {props.name}, "
+        f"{props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}, "
+        f"cudnn {torch.backends.cudnn.version()}; cfg {cfg}")
+    log("command: python " + " ".join(sys.argv))
+    ok = True
+    if args.check:
+        ok = check(log)
+    if args.sweep:
+        T, B, k = map(int, args.sweep.split(":"))
+        overrides.update(sweep(T, B, k, log))
+        log(f"overrides after sweep: {overrides}")
+    for p in filter(None, args.profile.split(",")):
+        T, B, k = map(int, p.split(":"))
+        profile(T, B, k, log, dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides))
+    rows = []
+    for p in filter(None, args.points.split(",")):
+        T, B, k = map(int, p.split(":"))
+        reps = args.reps if T <= 131072 else 2
+        pcfg = dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)
+        log(f"cfg T={T} B={B}: {pcfg}")
+        rows.append(bench_point(T, B, k, reps, T <= args.dense_max, log, pcfg))
+        if args.tiles and T <= 131072:
+            f = tile_visit_fraction(T, B, k)
+            rows[-1]["tile_frac"] = f
+            log(f"tile-sparse (128x128) visit fraction for MoBA picks at T={T}: {f:.3f} of causal tiles")
+    hdr = ("| T | chunk/topk | MoBA fwd ms | MoBA fwd+bwd ms | cuDNN fwd ms | cuDNN fwd+bwd ms | flash fwd ms | "
+           "flash fwd+bwd ms | speed-up vs cuDNN fwd / fwd+bwd | MoBA peak GiB (over inputs) |")
+    table = [hdr, "|" + "---|" * 10]
+    for r in rows:
+        def f(x):
+            return f"{r[x]:.1f}" if x in r else "-"
+        sp = (f"{r['cudnn_fwd'] / r['moba_fwd']:.1f}x / {r['cudnn_fb'] / r['moba_fb']:.1f}x"
+              if "cudnn_fb" in r else "-")
+        table.append(f"| {r['T']} | {r['B']}/{r['topk']} | {f('moba_fwd')} | {f('moba_fb')} | {f('cudnn_fwd')} | "
+                     f"{f('cudnn_fb')} | {f('flash_fwd')} | {f('flash_fb')} | {sp} | {r['moba_peak_gb']:.2f} |")
+    for t in table:
+        log(t)
+    log(f"check {'passed' if ok else 'FAILED'}")
+    if args.md:
+        os.makedirs(os.path.dirname(args.md) or ".", exist_ok=True)
+        with open(args.md, "w") as fh:
+            fh.write("# moba_speed\n\n```\n" + "\n".join(lines) + "\n```\n")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,656 @@
+"""MoBA attention on the GPU: Triton kernels (semantics and notation: megamod/ops/moba.py).
+
+Why this shape. MoBA picks blocks per query token, so the queries of a 128-row tile pick
+nearly every past block between them (random data: almost all); a query-tile kernel (and
+FlexAttention, which skips work only per 128x128 tile) then does almost dense work. Here the
+work is grouped the other way round, by the block that was picked:
+
+  1. _block_mean_kernel   mean of K per block                          [NB, Hkv, D] fp32
+  2. _gate_kernel         per query tile: fp32 scores against the block means of its
+                          sequence (exact CUDA-core fp32, or tf32x3 tensor-core products: the
+                          default, see GPU_CFG), running top-KS with the lower-index tie rule;
+                          writes only the picks [T, H, KS] int32 (no [NB, H, T] score tensor)
+  3. _plan (torch)        stable sort of the (query, head, slot) entries by segment
+                          (head, block, slot): each segment is a contiguous list of tokens, and
+                          the slots of one (head, block) are adjacent. No host synchronisation.
+  4. forward              own-block pass (causal flash attention inside each block), then one
+                          pass per slot s: a program takes <= BM gathered queries of one
+                          segment, streams that block's B keys, and merges (o, lse) into the
+                          running fp32 state of its rows. In one pass a query occurs in one
+                          segment only, so the read-modify-write needs no atomics.
+  5. backward             exact: delta = rowsum(dO * O) - dlse; dQ like the forward (own pass +
+                          one pass per slot, fp32 read-modify-write); dK/dV per (block, key tile,
+                          kv head): own-block queries, then every segment that picked the block,
+                          for each query head of the GQA group. No atomics anywhere, so results
+                          are deterministic.
+Memory is linear in T: picks and the sorted entry list are T*H*KS int32, fp32 accumulators
+T*H*D. Everything is computed in base 2 (exp2) with log2(e) folded into the scale.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Tile configs (BM query rows, BN key rows), measured on an H100 (benchmarks/NOTES_moba.md).
+# Long blocks favour the larger forward tile; the gate uses split-fp32 tensor-core products
+# ("tf32x3", ~1e-6 relative): the exact-fp32 CUDA-core variant ("fma") is 9x slower there.
+GPU_CFG = dict(
+    fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3,
+    dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3,
+    kv_bm=32, kv_bn=64, kv_warps=4, kv_stages=2,
+    gate_bm=64, gate_nblk=32, gate_dc=4, gate_warps=4, gate_prec="tf32x3",
+)
+GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3)  # chunk >= 2048
+INTERP_CFG = dict(
+    fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1,
+    dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1,
+    kv_bm=16, kv_bn=16, kv_warps=4, kv_stages=1,
+    gate_bm=16, gate_nblk=16, gate_dc=8, gate_warps=4, gate_prec="fma",
+)
+
+
+# The kernels take max_seqlen for their grids: it must be >= the longest sequence (as in
+# flash-attn's varlen API); tokens past it would be left unwritten.
+
+# ----------------------------------------------------------------------------------------
+# gating
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride_mg, stride_mh,
+                       D, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    g = tl.program_id(0)
+    hk = tl.program_id(1)
+    start = tl.load(BLK_START + g).to(tl.int64)
+    blen = tl.load(BLK_LEN + g)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BR, BLOCK_D], dtype=tl.float32)
+    for r0 in range(0, blen, BR):
+        r = r0 + tl.arange(0, BR)
+        ptr = K + (start + r)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :]
+        acc += tl.load(ptr, mask=(r[:, None] < blen) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    mean = tl.sum(acc, 0) / tl.maximum(blen, 1).to(tl.float32)
+    tl.store(MEAN + g * stride_mg + hk * stride_mh + offs_d, mean, mask=offs_d < D)
+
+
+@triton.jit
+def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, stride_mh, stride_st,
+                 stride_sh, G, D, CHUNK: tl.constexpr, KS: tl.constexpr, KSP: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr, DC: tl.constexpr,
+                 PREC: tl.constexpr):
+    """PREC "fma": exact fp32 products and sums on the CUDA cores, DC dims at a time (tl.dot with
+    "ieee" keeps whole rows in registers and spills). "tf32x3"/"bf16x3": tensor cores with fp32
+    operands split in three, fp32 accumulation (error ~1e-6 relative)."""
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1)
+    h = tl.program_id(2)
+    s0 = tl.load(CU + n)
+    L = tl.load(CU + n + 1) - s0
+    m0 = pid_m * BM
+    if m0 >= L:
+        return
+    pos = m0 + tl.arange(0, BM)  # [BM] position inside the sequence
+    own = pos // CHUNK  # block j competes for row r iff j < own[r]  ((j+1)B <= t)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (s0 + pos).to(tl.int64)
+    qrow = Q + rows * stride_qt + h * stride_qh  # [BM] row pointers
+    if PREC != "fma":
+        q = tl.load(qrow[:, None] + offs_d[None, :], mask=(pos[:, None] < L) & (offs_d[None, :] < D),
+                    other=0.0).to(tl.float32)
+    b0 = tl.load(BLK_FIRST + n)
+    nc = (tl.minimum(L, m0 + BM) - 1) // CHUNK  # blocks 0..nc-1 compete for some row
+    cols = tl.arange(0, KSP)
+    # running top-KS per row; padding columns hold +inf so they are never the minimum
+    topv = tl.where(cols[None, :] < KS, float("-inf"), float("inf")) + tl.zeros([BM, KSP], tl.float32)
+    topi = tl.full([BM, KSP], -1, tl.int32)
+    hk = h // G
+    for j0 in range(0, nc, NBLK):
+        jj = j0 + tl.arange(0, NBLK)
+        mrow = MEAN + (b0 + jj).to(tl.int64) * stride_mg + hk * stride_mh  # [NBLK]
+        if PREC == "fma":
+            sc = tl.zeros([BM, NBLK], tl.float32)
+            for d0 in range(0, BLOCK_D, DC):
+                dd = d0 + tl.arange(0, DC)
+                qc = tl.load(qrow[:, None] + dd[None, :], mask=(pos[:, None] < L) & (dd[None, :] < D),
+                             other=0.0).to(tl.float32)  # [BM, DC]
+                mc = tl.load(mrow[:, None] + dd[None, :], mask=(jj[:, None] < nc) & (dd[None, :] < D),
+                             other=0.0)  # [NBLK, DC]
+                sc += tl.sum(qc[:, None, :] * mc[None, :, :], 2)
+        else:
+            mt = tl.load(mrow[:, None] + offs_d[None, :], mask=(jj[:, None] < nc) & (offs_d[None, :] < D),
+                         other=0.0)
+            sc = tl.dot(q, tl.trans(mt), input_precision=PREC)  # [BM, NBLK] fp32, unscaled
+        sc = tl.where(jj[None, :] < own[:, None], sc, float("-inf"))
+        # Chunks arrive in increasing block index and argmax breaks ties to the left, so a
+        # candidate only enters on a strictly larger score: the lower index wins ties.
+        for _ in tl.static_range(KS):
+            cmax = tl.max(sc, 1)
+            carg = tl.argmax(sc, 1, tie_break_left=True)
+            rmin = tl.min(topv, 1)
+            # slot to evict: the lowest score, and among equal lowest the highest block index
+            key = tl.where(topv == rmin[:, None], (topi + 1) * KSP + cols[None, :], -1)
+            slot = tl.max(key, 1) % KSP
+            hit = (cmax > rmin)[:, None] & (cols[None, :] == slot[:, None])
+            topv = tl.where(hit, cmax[:, None], topv)
+            topi = tl.where(hit, (j0 + carg)[:, None], topi)
+            sc = tl.where(jj[None, :] == (j0 + carg)[:, None], float("-inf"), sc)
+    out = tl.where(topv > float("-inf"), b0 + topi, -1)
+    tl.store(SEL + rows[:, None] * stride_st + h * stride_sh + cols[None, :], out,
+             mask=(pos[:, None] < L) & (cols[None, :] < KS))
+
+
+# ----------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, m_i, l_i, q, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d, D, qk_scale,
+               BN: tl.constexpr, CAUSAL: tl.constexpr, SAME_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+               KMASK: tl.constexpr, PREC: tl.constexpr):
+    """Online softmax of q against the keys [n_lo, n_hi) counted from the base pointers Kb, Vb
+    (int32 offsets: callers put the base at a block start). pos: query positions, same origin."""
+    for n0 in range(n_lo, n_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        kmask = offs_d[None, :] < D
+        if KMASK:
+            kmask = kmask & (offs_n[:, None] < n_hi)
+        kp = offs_n[:, None] * stride_kt + offs_d[None, :]  # int32: inside one block's span
+        k = tl.load(Kb + kp, mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BM, BN]
+        if CAUSAL:
+            vis = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < n_hi)
+            if SAME_BLOCK:
+                vis = vis & ((offs_n[None, :] // CHUNK) == (pos[:, None] // CHUNK))
+            s = tl.where(vis, s, float("-inf"))
+        elif KMASK:
+            s = tl.where(offs_n[None, :] < n_hi, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(Vb + kp, mask=kmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_own_kernel(Q, K, V, O, LSE, CU, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    stride_ot, stride_oh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, PREC: tl.constexpr):
+    """Causal attention inside the own block; writes the fp32 state (o, lse2) of every row."""
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1)
+    h = tl.program_id(2)
+    s0 = tl.load(CU + n)
+    L = tl.load(CU + n + 1) - s0
+    m0 = pid_m * BM
+    if m0 >= L:
+        return
+    pos = m0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (s0 + pos).to(tl.int64)
+    qmask = (pos[:, None] < L) & (offs_d[None, :] < D)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    # origin of the key axis: the start of the first row's block (int32 offsets from there)
+    blk_lo = (m0 // CHUNK) * CHUNK
+    kv_base = (s0 + blk_lo).to(tl.int64) * stride_kt + (h // G) * stride_kh
+    Kb = K + kv_base
+    Vb = V + kv_base
+    rel = pos - blk_lo
+    hi = tl.minimum(L, m0 + BM) - blk_lo
+    if ALIGNED:  # BM | CHUNK and BN | BM: the tile lies in one block; mask only the diagonal
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kb, Vb, 0, m0 - blk_lo, rel, stride_kt, offs_d, D,
+                                   qk_scale, BN, False, False, CHUNK, False, PREC)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kb, Vb, m0 - blk_lo, hi, rel, stride_kt, offs_d, D,
+                                   qk_scale, BN, True, False, CHUNK, True, PREC)
+    else:
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kb, Vb, 0, hi, rel, stride_kt, offs_d, D,
+                                   qk_scale, BN, True, True, CHUNK, True, PREC)
+    o = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o, mask=qmask)
+    tl.store(LSE + rows * stride_lt + h, m_i + tl.log2(l_i), mask=pos < L)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _fwd_past_kernel(Q, K, V, O, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO, BLK_START,
+                     s, KS, NBT, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
+                     stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr):
+    """Slot pass s: BM gathered queries of one (slot, head, block) segment against that block;
+    merges the partial (o, lse2) into the running fp32 state of those rows."""
+    tile = tl.load(PASS_LO + s) + tl.program_id(0)
+    if tile >= tl.load(PASS_LO + s + 1):
+        return
+    seg = tl.load(TILE_SEG + tile)
+    r = (tile - tl.load(TILE_FIRST + seg)) * BM + tl.arange(0, BM)
+    g = (seg // KS) % NBT  # seg = (h * NBT + g) * KS + s
+    h = seg // (KS * NBT)
+    seg_lo = tl.load(SEG_START + seg)
+    ok = r < tl.load(SEG_START + seg + 1) - seg_lo
+    rows = tl.load(TOK + seg_lo.to(tl.int64) + r, mask=ok, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = ok[:, None] & (offs_d[None, :] < D)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
+    acc = tl.zeros([BM, BLOCK_D], tl.float32)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
+                               qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
+    lse_b = m_i + tl.log2(l_i)
+    optr = O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    lse_a = tl.load(LSE + rows * stride_lt + h, mask=ok, other=0.0)
+    o_a = tl.load(optr, mask=qmask, other=0.0)
+    mx = tl.maximum(lse_a, lse_b)
+    lse_n = mx + tl.log2(tl.exp2(lse_a - mx) + tl.exp2(lse_b - mx))
+    o_n = o_a * tl.exp2(lse_a - lse_n)[:, None] + (acc / l_i[:, None]) * tl.exp2(lse_b - lse_n)[:, None]
+    tl.store(optr, o_n, mask=qmask)
+    tl.store(LSE + rows * stride_lt + h, lse_n, mask=ok)
+
+
+# ----------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DLSE, DELTA, n_rows, D, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse over the flat [T*H, D] rows (both contiguous)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (r[:, None] < n_rows) & (offs_d[None, :] < D)
+    ptr = r.to(tl.int64)[:, None] * D + offs_d[None, :]
+    o = tl.load(O + ptr, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=msk, other=0.0).to(tl.float32)
+    dl = tl.load(DLSE + r, mask=r < n_rows, other=0.0)
+    tl.store(DELTA + r, tl.sum(o * do, 1) - dl, mask=r < n_rows)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d, D, qk_scale,
+              BN: tl.constexpr, CAUSAL: tl.constexpr, SAME_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+              KMASK: tl.constexpr, PREC: tl.constexpr):
+    for n0 in range(n_lo, n_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        kmask = offs_d[None, :] < D
+        if KMASK:
+            kmask = kmask & (offs_n[:, None] < n_hi)
+        kp = offs_n[:, None] * stride_kt + offs_d[None, :]  # int32: inside one block's span
+        k = tl.load(Kb + kp, mask=kmask, other=0.0)
+        v = tl.load(Vb + kp, mask=kmask, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse2[:, None])
+        if CAUSAL:
+            vis = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < n_hi)
+            if SAME_BLOCK:
+                vis = vis & ((offs_n[None, :] // CHUNK) == (pos[:, None] // CHUNK))
+            p = tl.where(vis, p, 0.0)
+        elif KMASK:
+            p = tl.where(offs_n[None, :] < n_hi, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt,
+                   stride_kh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, ALIGNED: tl.constexpr, PREC: tl.constexpr):
+    """dQ from the own block; writes the fp32 dQ (q, dO, dQ share the [T, H, D] strides)."""
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1)
+    h = tl.program_id(2)
+    s0 = tl.load(CU + n)
+    L = tl.load(CU + n + 1) - s0
+    m0 = pid_m * BM
+    if m0 >= L:
+        return
+    pos = m0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = (s0 + pos).to(tl.int64)
+    qmask = (pos[:, None] < L) & (offs_d[None, :] < D)
+    qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + qp, mask=qmask, other=0.0)
+    do = tl.load(DO + qp, mask=qmask, other=0.0)
+    lse2 = tl.load(LSE + rows * stride_lt + h, mask=pos < L, other=float("inf"))
+    delta = tl.load(DELTA + rows * stride_lt + h, mask=pos < L, other=0.0)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    blk_lo = (m0 // CHUNK) * CHUNK
+    kv_base = (s0 + blk_lo).to(tl.int64) * stride_kt + (h // G) * stride_kh
+    Kb = K + kv_base
+    Vb = V + kv_base
+    rel = pos - blk_lo
+    hi = tl.minimum(L, m0 + BM) - blk_lo
+    if ALIGNED:
+        dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, 0, m0 - blk_lo, rel, stride_kt, offs_d, D, qk_scale,
+                       BN, False, False, CHUNK, False, PREC)
+        dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, m0 - blk_lo, hi, rel, stride_kt, offs_d, D, qk_scale,
+                       BN, True, False, CHUNK, True, PREC)
+    else:
+        dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, 0, hi, rel, stride_kt, offs_d, D, qk_scale,
+                       BN, True, True, CHUNK, True, PREC)
+    tl.store(DQ + qp, dq * sm_scale, mask=qmask)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO,
+                    BLK_START, s, KS, NBT, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr):
+    """Slot pass s of dQ: adds the picked block's contribution into the fp32 dQ rows."""
+    tile = tl.load(PASS_LO + s) + tl.program_id(0)
+    if tile >= tl.load(PASS_LO + s + 1):
+        return
+    seg = tl.load(TILE_SEG + tile)
+    r = (tile - tl.load(TILE_FIRST + seg)) * BM + tl.arange(0, BM)
+    g = (seg // KS) % NBT  # seg = (h * NBT + g) * KS + s
+    h = seg // (KS * NBT)
+    seg_lo = tl.load(SEG_START + seg)
+    ok = r < tl.load(SEG_START + seg + 1) - seg_lo
+    rows = tl.load(TOK + seg_lo.to(tl.int64) + r, mask=ok, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = ok[:, None] & (offs_d[None, :] < D)
+    qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + qp, mask=qmask, other=0.0)
+    do = tl.load(DO + qp, mask=qmask, other=0.0)
+    lse2 = tl.load(LSE + rows * stride_lt + h, mask=ok, other=float("inf"))
+    delta = tl.load(DELTA + rows * stride_lt + h, mask=ok, other=0.0)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
+    dq = _dq_inner(dq, q, do, lse2, delta, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
+                   qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
+    dq_a = tl.load(DQ + qp, mask=qmask, other=0.0)
+    tl.store(DQ + qp, dq_a + dq * sm_scale, mask=qmask)
+
+
+@triton.jit
+def _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, tok0, row0, m_lo, m_hi, offs_n, h, stride_qt, stride_qh,
+              stride_lt, offs_d, D, qk_scale, BM: tl.constexpr, GATHER: tl.constexpr, CAUSAL: tl.constexpr,
+              PREC: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query rows [m_lo, m_hi): contiguous tokens row0 + m,
+    or (GATHER) the tokens TOK[tok0 + m]. CAUSAL: local query position m >= key position."""
+    for m0 in range(m_lo, m_hi, BM):
+        m = m0 + tl.arange(0, BM)
+        ok = m < m_hi
+        if GATHER:
+            rows = tl.load(TOK + tok0 + m, mask=ok, other=0).to(tl.int64)
+        else:
+            rows = (row0 + m).to(tl.int64)
+        qmask = ok[:, None] & (offs_d[None, :] < D)
+        qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+        q = tl.load(Q + qp, mask=qmask, other=0.0)
+        do = tl.load(DO + qp, mask=qmask, other=0.0)
+        lse2 = tl.load(LSE + rows * stride_lt + h, mask=ok, other=float("inf"))
+        delta = tl.load(DELTA + rows * stride_lt + h, mask=ok, other=0.0)
+        pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse2[None, :])  # [BN, BM]
+        if CAUSAL:
+            pT = tl.where(m[None, :] >= offs_n[:, None], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK_LEN, H, NBT, NKT,
+                 KS, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, G, D,
+                 BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV of BN keys of block g for kv head hk: own-block queries (causal), then every
+    segment (slot s, head h, block g) of queries that picked g, for the G query heads of hk."""
+    pid = tl.program_id(0)
+    g = pid // NKT
+    n_lo = (pid % NKT) * BN
+    hk = tl.program_id(1)
+    blen = tl.load(BLK_LEN + g)
+    if n_lo >= blen:
+        return
+    start = tl.load(BLK_START + g)
+    offs_n = n_lo + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    kmask = (offs_n[:, None] < blen) & (offs_d[None, :] < D)
+    kp = (start + offs_n).to(tl.int64)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :]
+    k = tl.load(K + kp, mask=kmask, other=0.0)
+    v = tl.load(V + kp, mask=kmask, other=0.0)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    for hh in range(G):
+        h = hk * G + hh
+        # own block: rows on the diagonal (masked), then the later rows of the block
+        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo, tl.minimum(n_lo + BN, blen),
+                           offs_n, h, stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, True, PREC)
+        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo + BN, blen, offs_n, h,
+                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, False, PREC)
+        # all slots of (h, g) are one contiguous run of the sorted entries
+        lo = tl.load(SEG_START + (h * NBT + g) * KS)
+        hi = tl.load(SEG_START + (h * NBT + g) * KS + KS)
+        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, lo.to(tl.int64), 0, 0, hi - lo, offs_n, h,
+                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, True, False, PREC)
+    tl.store(DK + kp, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + kp, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+# ----------------------------------------------------------------------------------------
+# host side
+# ----------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _plan(q, k, cu, max_seqlen, B, topk, cfg):
+    """Block table, picks and the sorted entry list. Device ops only: no host synchronisation."""
+    T, H, D = q.shape
+    Hkv = k.shape[1]
+    N = cu.numel() - 1
+    KS = topk - 1
+    dev = q.device
+    cu = cu.to(dev)
+    NBT = T // B + N  # upper bound on the number of blocks; unused ids get length 0
+    cu64 = cu.long()
+    lens = cu64[1:] - cu64[:-1]
+    nblk = (lens + B - 1) // B
+    incl = torch.cumsum(nblk, 0)
+    blk_first = incl - nblk
+    gid = torch.arange(NBT, device=dev)
+    seq = torch.searchsorted(incl, gid, right=True).clamp(max=N - 1)
+    local = gid - blk_first[seq]
+    blk_len = torch.clamp(torch.minimum(lens[seq] - local * B, torch.full_like(local, B)), min=0)
+    blk_len = torch.where(gid < incl[-1], blk_len, 0)
+    blk_start = torch.where(blk_len > 0, cu64[seq] + local * B, 0)
+    plan = dict(T=T, H=H, Hkv=Hkv, D=D, N=N, KS=KS, B=B, NBT=NBT, max_seqlen=max_seqlen,
+                cu=cu.to(torch.int32), blk_start=blk_start.to(torch.int32), blk_len=blk_len.to(torch.int32))
+    if KS == 0:
+        return plan
+    sel = _gate(q, k, plan, blk_first.to(torch.int32), cfg)  # [T, H, KS] global block id or -1
+    # segment id (h * NBT + g) * KS + s: the slots of one (head, block) are adjacent, so dK/dV
+    # reads them as one run; NSEG marks "no pick" and sorts last
+    NSEG = KS * H * NBT
+    hs = (torch.arange(H, device=dev, dtype=torch.int32)[:, None] * NBT * KS
+          + torch.arange(KS, device=dev, dtype=torch.int32)[None, :])  # [H, KS]
+    key = torch.where(sel >= 0, hs[None] + sel * KS, NSEG).view(-1)  # [T*H*KS], t-major
+    del sel
+    skey, perm = torch.sort(key, stable=True)  # stable: tokens ascending inside a segment
+    del key
+    tok = torch.div(perm, H * KS, rounding_mode="floor").to(torch.int32)  # [E] token of each entry
+    del perm
+    bounds = torch.searchsorted(skey, torch.arange(NSEG + 1, device=dev, dtype=torch.int32))
+    del skey
+    plan.update(tok=tok, seg_bounds=bounds.to(torch.int32))  # segment i: entries [bounds[i], bounds[i+1])
+    return plan
+
+
+def _gate(q, k, plan, blk_first, cfg):
+    """[T, H, KS] int32 picks (global block ids, -1 = none) of the Triton gate."""
+    T, H, D = q.shape
+    Hkv, N, KS, B, NBT = plan["Hkv"], plan["N"], plan["KS"], plan["B"], plan["NBT"]
+    BLOCK_D = triton.next_power_of_2(D)
+    mean = torch.empty(NBT, Hkv, D, dtype=torch.float32, device=q.device)  # [NB, Hkv, D]
+    _block_mean_kernel[(NBT, Hkv)](k, mean, plan["blk_start"], plan["blk_len"], k.stride(0), k.stride(1),
+                                   mean.stride(0), mean.stride(1), D, BLOCK_D=BLOCK_D, BR=32)
+    sel = torch.empty(T, H, KS, dtype=torch.int32, device=q.device)
+    _gate_kernel[(_cdiv(plan["max_seqlen"], cfg["gate_bm"]), N, H)](
+        q, mean, sel, plan["cu"], blk_first, q.stride(0), q.stride(1), mean.stride(0),
+        mean.stride(1), sel.stride(0), sel.stride(1), H // Hkv, D, CHUNK=B, KS=KS,
+        KSP=triton.next_power_of_2(KS), BLOCK_D=BLOCK_D, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
+        DC=cfg["gate_dc"], PREC=cfg["gate_prec"], num_warps=cfg["gate_warps"])
+    return sel
+
+
+def default_cfg(q, chunk):
+    if not q.is_cuda:
+        return INTERP_CFG
+    cfg = dict(GPU_CFG, **GPU_CFG_LONG_BLOCKS) if chunk >= 2048 else dict(GPU_CFG)
+    if q.dtype == torch.float32:  # 4-byte tiles: the bf16 dQ pipeline would need 288 KB of shared memory
+        cfg.update(dq_bm=64, dq_warps=4, dq_stages=2)
+    return cfg
+
+
+def moba_gate_triton(q, k, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, cfg=None):
+    """The Triton gate alone (tests, benchmarks): [T, H, KS] int32 picks, -1 = none."""
+    if cfg is None:
+        cfg = default_cfg(q, moba_chunk_size)
+    plan = _plan(q.contiguous(), k.contiguous(), cu_seqlens, max_seqlen, moba_chunk_size, 1, cfg)
+    plan["KS"] = moba_topk - 1
+    cu64 = cu_seqlens.long()
+    nblk = (cu64[1:] - cu64[:-1] + moba_chunk_size - 1) // moba_chunk_size
+    blk_first = (torch.cumsum(nblk, 0) - nblk).to(torch.int32)
+    return _gate(q.contiguous(), k.contiguous(), plan, blk_first, cfg)
+
+
+def _tiles(plan, BM):
+    """Tile schedule of the slot passes for a BM: pass s covers tiles [pass_lo[s], pass_lo[s+1]);
+    tile_seg maps a tile to its segment, tile_first[seg] is the segment's first tile."""
+    KS, H, NBT, T = plan["KS"], plan["H"], plan["NBT"], plan["T"]
+    b = plan["seg_bounds"].long()
+    cnt = (b[1:] - b[:-1]).view(H * NBT, KS).t().reshape(-1)  # [KS * H * NBT], pass-major order
+    ntile = (cnt + BM - 1) // BM
+    incl = torch.cumsum(ntile, 0)
+    ext = torch.cat([incl.new_zeros(1), incl])
+    pass_lo = ext[torch.arange(KS + 1, device=cnt.device) * H * NBT]
+    UB = _cdiv(T * H, BM) + H * NBT  # tiles in one pass <= entries / BM + segments
+    j = torch.searchsorted(incl, torch.arange(KS * UB, device=cnt.device), right=True).clamp(max=cnt.numel() - 1)
+    seg_of = (torch.arange(cnt.numel(), device=cnt.device) % (H * NBT)) * KS + torch.arange(
+        cnt.numel(), device=cnt.device) // (H * NBT)  # pass-major index -> segment id
+    tile_first = torch.empty_like(incl)
+    tile_first[seg_of] = incl - ntile
+    return dict(UB=UB, pass_lo=pass_lo.to(torch.int32), tile_seg=seg_of[j].to(torch.int32),
+                tile_first=tile_first.to(torch.int32))
+
+
+def _prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, plan, cfg):
+    T, H, D, N, KS, B, NBT = (plan[x] for x in ("T", "H", "D", "N", "KS", "B", "NBT"))
+    G = H // plan["Hkv"]
+    BLOCK_D = triton.next_power_of_2(D)
+    sm_scale = D**-0.5
+    qk_scale = sm_scale * LOG2E
+    o32 = torch.empty(T, H, D, dtype=torch.float32, device=q.device)  # running normalised output
+    lse2 = torch.empty(T, H, dtype=torch.float32, device=q.device)  # running log2-sum-exp2
+    BM, BN = cfg["fwd_bm"], cfg["fwd_bn"]
+    aligned = B % BM == 0 and BM % BN == 0
+    prec = _prec(q.dtype)
+    _fwd_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
+        q, k, v, o32, lse2, plan["cu"], qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        o32.stride(0), o32.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        ALIGNED=aligned, PREC=prec, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+    if KS > 0:
+        tiles = _tiles(plan, BM)
+        for s in range(KS):
+            _fwd_past_kernel[(tiles["UB"],)](
+                q, k, v, o32, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+                tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale, q.stride(0),
+                q.stride(1), k.stride(0), k.stride(1), o32.stride(0), o32.stride(1), lse2.stride(0), G, D,
+                CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, PREC=prec,
+                num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+    out = o32 if q.dtype == torch.float32 else o32.to(q.dtype)
+    return out, lse2
+
+
+def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
+    T, H, D, N, KS, B, NBT = (plan[x] for x in ("T", "H", "D", "N", "KS", "B", "NBT"))
+    Hkv = plan["Hkv"]
+    G = H // Hkv
+    BLOCK_D = triton.next_power_of_2(D)
+    sm_scale = D**-0.5
+    qk_scale = sm_scale * LOG2E
+    prec = _prec(q.dtype)
+    dout = dout.contiguous()
+    delta = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    dlse = torch.zeros_like(delta) if dlse is None else dlse.contiguous().float()
+    _bwd_delta_kernel[(_cdiv(T * H, 64),)](out, dout, dlse, delta, T * H, D, BLOCK_D=BLOCK_D, BR=64)
+    # dQ: own block, then one read-modify-write pass per slot
+    dq32 = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
+    BM, BN = cfg["dq_bm"], cfg["dq_bn"]
+    _dq_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
+        q, k, v, dout, lse2, delta, dq32, plan["cu"], qk_scale, sm_scale, q.stride(0), q.stride(1), k.stride(0),
+        k.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        ALIGNED=B % BM == 0 and BM % BN == 0, PREC=prec, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+    if KS > 0:
+        tiles = _tiles(plan, BM)
+        for s in range(KS):
+            _dq_past_kernel[(tiles["UB"],)](
+                q, k, v, dout, lse2, delta, dq32, plan["tok"], plan["seg_bounds"], tiles["tile_seg"], tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
+                sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B,
+                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, PREC=prec, num_warps=cfg["dq_warps"],
+                num_stages=cfg["dq_stages"])
+    dq = dq32 if q.dtype == torch.float32 else dq32.to(q.dtype)
+    # dK, dV: one program per (block, key tile, kv head)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    BM, BN = cfg["kv_bm"], cfg["kv_bn"]
+    assert BN % BM == 0, "kv_bn must be a multiple of kv_bm (the diagonal loop covers BN rows)"
+    NKT = _cdiv(B, BN)
+    empty = torch.zeros(1, dtype=torch.int32, device=q.device)
+    _dkdv_kernel[(NBT * NKT, Hkv)](
+        q, k, v, dout, lse2, delta, dk, dv, plan.get("tok", empty), plan.get("seg_bounds", empty),
+        plan["blk_start"], plan["blk_len"], H, NBT, NKT, KS, qk_scale, sm_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        PREC=prec, num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
+    return dq, dk, dv
+
+
+_PLAN_KEYS = ("cu", "blk_start", "blk_len", "tok", "seg_bounds")
+
+
+class _MobaTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, chunk, topk, cfg):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        plan = _plan(q, k, cu_seqlens, max_seqlen, chunk, topk, cfg)
+        out, lse2 = _forward(q, k, v, plan, cfg)
+        tensors = [plan.pop(x) for x in _PLAN_KEYS if x in plan]
+        ctx.plan = plan
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, out, lse2, *tensors)
+        return out, lse2 * LN2
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse2, *tensors = ctx.saved_tensors
+        plan = dict(ctx.plan, **dict(zip(_PLAN_KEYS, tensors)))
+        dq, dk, dv = _backward(q, k, v, out, lse2, dout, dlse, plan, ctx.cfg)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def moba_attn_varlen_triton(q, k, v, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, *, return_lse=False,
+                            cfg=None):
+    """Triton MoBA (see module docstring). max_seqlen must be >= the longest sequence."""
+    if cfg is None:
+        cfg = default_cfg(q, moba_chunk_size)
+    out, lse = _MobaTriton.apply(q, k, v, cu_seqlens, int(max_seqlen), int(moba_chunk_size), int(moba_topk), cfg)
+    return (out, lse) if return_lse else out
