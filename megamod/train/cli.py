@@ -34,6 +34,7 @@ def init_distributed(cfg: Config):
     from megamod.parallel.launch import discover_launch_env
 
     env = discover_launch_env(allow_single=True)
+    print(f"[rank {env.rank}] {env.describe()}", flush=True)
     validate(cfg, env.world_size)  # before any process group exists
     # DeepSpeed reads these whatever launched us (Slurm and MPI set their own names).
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
@@ -71,10 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.distributed as dist
 
+    from megamod.train.signals import StopController
     from megamod.train.trainer import Trainer
 
+    # Handlers go in before the (slow) build, so a USR1 during startup still ends in a requeue
+    # and exit_after_minutes counts startup time.
+    stop = StopController(cfg.train.exit_after_minutes or None).install()
     try:
-        trainer = Trainer.build(cfg, dims, device)
+        trainer = Trainer.build(cfg, dims, device, stop=stop)
         trainer.train()
     finally:
         dist.destroy_process_group()
