@@ -9,6 +9,7 @@ ZeRO stage), into the single-device model with strict=True.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,30 +17,52 @@ import sys
 import torch
 
 from megamod.config import build_config
+from megamod.infer.kv_cache import KVCache
 from megamod.model.gpt import GPT, build_model
+from megamod.model.mod import routed_blocks, routing
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """logits (1, V) -> next id (1, 1): greedy at temperature <= 0, else top-k sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
 
 
 @torch.no_grad()
 def sample(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
            eod_id: int | None = None, generator: torch.Generator | None = None) -> list[int]:
-    """Autoregressive sampling by re-running the prefix (O(n²), fine for short samples)."""
+    """Autoregressive sampling with a KV cache: one prefill over the prompt, then one token a step.
+
+    Mixture-of-Depths blocks route causally (a token goes through iff sigmoid(prediction) > 0.5)
+    and skipped tokens write nothing into that layer's cache. MoBA layers have no cached decoding
+    yet: such models re-run the whole prefix every step (O(n²), still causal routing).
+    The prompt is cut from the left so prompt + new tokens fit in model.max_seq_len."""
     model.eval()
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt], dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, -model.model_cfg.max_seq_len:])[:, -1].float()  # (1, V)
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-        ids = torch.cat([ids, nxt], dim=1)
-        if eod_id is not None and nxt.item() == eod_id:
-            break
-    return ids[0, len(prompt):].tolist()
+    prompt = prompt[-max(1, model.model_cfg.max_seq_len - max_new_tokens):]
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, n)
+    use_cache = model.model_cfg.attention == "sdpa"
+    cache = KVCache(batch_size=1, max_len=len(prompt) + max_new_tokens) if use_cache else None
+    out: list[int] = []
+    with routing(model, "causal") if routed_blocks(model) else contextlib.nullcontext():
+        logits = model(ids, positions=torch.arange(ids.shape[1], device=device), cache=cache)[:, -1].float()
+        for _ in range(max_new_tokens):
+            nxt = _pick(logits, temperature, top_k, generator)  # (1, 1)
+            out.append(int(nxt))
+            if (eod_id is not None and out[-1] == eod_id) or len(out) == max_new_tokens:
+                break
+            ids = torch.cat([ids, nxt], dim=1)
+            if use_cache:
+                pos = torch.tensor([ids.shape[1] - 1], device=device)
+                logits = model(nxt, positions=pos, cache=cache)[:, -1].float()
+            else:
+                logits = model(ids)[:, -1].float()
+    return out
 
 
 def load_from_run(run_dir: str, tag: str | None = None, device: str = "cpu") -> tuple[GPT, dict]:

@@ -56,12 +56,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         self.inner = inner
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
+        """kv: this layer's KV cache while decoding incrementally (megamod/infer/kv_cache.py); it
+        stores the new keys/values and attends over everything cached, by original position."""
         b, s, _ = x.shape
         # -1 because TP may have sharded the heads: (B, S, H/tp, D)
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = self.inner(q, k, v)  # (B, S, H/tp, D)
+        o = self.inner(q, k, v) if kv is None else kv.attend(q, k, v)  # (B, S, H/tp, D)
         return self.wo(o.flatten(2))

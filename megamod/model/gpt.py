@@ -11,7 +11,7 @@ Notation: B batch, S sequence, d model width, V vocabulary (V/tp where TP shards
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from megamod.compat import build_rms_norm
 from megamod.config import Config, ModelConfig
 from megamod.model.attention import Attention, MobaAttention, SDPAttention
 from megamod.model.rope import rope_tables
+
+if TYPE_CHECKING:
+    from megamod.infer.kv_cache import KVCache, KVStep
 
 
 class MLP(nn.Module):
@@ -44,13 +47,16 @@ class Block(nn.Module):
         self.ffn_norm = build_rms_norm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = MLP(cfg.d_model, cfg.ffn_hidden)
 
-    def residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """f(x) with block output x + f(x); Mixture-of-Depths scales exactly this by g(r)."""
-        a = self.attention(self.attention_norm(x), cos, sin)
+    def residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 kv: KVStep | None = None) -> torch.Tensor:
+        """f(x) with block output x + f(x); Mixture-of-Depths scales exactly this by g(r).
+        ``kv``: this layer's KV cache during incremental decoding (megamod/infer/kv_cache.py)."""
+        a = self.attention(self.attention_norm(x), cos, sin, kv)
         return a + self.feed_forward(self.ffn_norm(x + a))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x + self.residual(x, cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: KVStep | None = None) -> torch.Tensor:
+        return x + self.residual(x, cos, sin, kv)
 
 
 def build_inner_attention(cfg: Config, layer_id: int) -> nn.Module:
@@ -63,13 +69,23 @@ def build_inner_attention(cfg: Config, layer_id: int) -> nn.Module:
     return SDPAttention()
 
 
+def build_block(cfg: Config, layer_id: int) -> Block:
+    """The one place a layer's kind is chosen: a dense block, or a Mixture-of-Depths routed one
+    (same parameter names plus ``router``/``predictor``, so TP plans and checkpoints carry over)."""
+    from megamod.model.mod import RoutedBlock, routed_layers  # mod.py builds on Block
+
+    if layer_id in routed_layers(cfg):
+        return RoutedBlock(cfg.model, build_inner_attention(cfg, layer_id), cfg.mod)
+    return Block(cfg.model, build_inner_attention(cfg, layer_id))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         m = cfg.model
         self.model_cfg = m
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(m.vocab_size, m.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(m, build_inner_attention(cfg, i)) for i in range(m.n_layers)})
+        self.layers = nn.ModuleDict({str(i): build_block(cfg, i) for i in range(m.n_layers)})
         self.norm: nn.Module | None = build_rms_norm(m.d_model, m.norm_eps)
         self.output: nn.Linear | None = nn.Linear(m.d_model, m.vocab_size, bias=False)
         self.tie_weights()
@@ -79,19 +95,22 @@ class GPT(nn.Module):
         if self.model_cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens (B, S) ids — or (B, S, d) hidden states on a later pipeline stage.
 
         positions (S,) or (B, S): the original positions of the tokens this rank holds (context
         parallelism holds them out of order); default arange(S).
+        cache: incremental decoding (megamod/infer): the S new tokens at ``positions`` attend to
+        the cached keys/values of earlier tokens, and each layer appends its own.
         Returns logits (B, S, V) — or hidden states (B, S, d) on a stage without the output layer.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)
         cos, sin = rope_tables(positions, self.model_cfg.head_dim, self.model_cfg.rope_theta)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
+        for i, layer in self.layers.items():
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layer(int(i), positions))
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -7,14 +7,13 @@ Conventions (PaLM appendix B, and what torch.utils.flop_counter counts):
 - backward is twice the forward, so a training step is 3× forward (6N + 12·L·d·S per token);
 - the input embedding is a lookup (0 FLOPs); the output projection is a matmul.
 Mixture-of-Depths: a routed block at capacity c runs its linears on c·S tokens and its
-attention on a (c·S)² square, plus the router (2d per token) and predictor.
+attention on a (c·S)² square, plus the router (2d per token) and predictor (learned routing).
 """
 
 from __future__ import annotations
 
-import math
-
 from megamod.config import Config, ModelConfig
+from megamod.model.mod import capacity_tokens, predictor_hidden, routed_layers
 
 
 def block_linear_params(m: ModelConfig) -> int:
@@ -22,30 +21,25 @@ def block_linear_params(m: ModelConfig) -> int:
     return m.d_model * (m.d_model + 2 * kv) + m.d_model * m.d_model + 3 * m.d_model * m.ffn_hidden
 
 
-def routed_layers(cfg: Config) -> list[int]:
-    if not cfg.mod.enabled:
-        return []
-    if cfg.mod.layers:
-        return sorted(cfg.mod.layers)
-    return [i for i in range(cfg.model.n_layers) if i % cfg.mod.every == cfg.mod.every - 1]
-
-
 def mod_capacity_tokens(capacity: float, seq_len: int) -> int:
     """k = max(1, floor(capacity · S)) tokens per sequence (DESIGN.md, MoD)."""
-    return max(1, math.floor(capacity * seq_len))
+    return capacity_tokens(capacity, seq_len)
 
 
 def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
-    """Forward FLOPs of one block for one sequence of seq_len tokens."""
+    """Forward FLOPs of one block for one sequence of seq_len tokens. A routed block: linears on
+    its k tokens, attention on a k² square, and (learned routing) the router and predictor on all
+    S tokens; the gather/scatter, sort and gate are elementwise (not counted)."""
     m = cfg.model
     tokens = seq_len
     extra = 0
     if layer_id in routed_layers(cfg):
         tokens = mod_capacity_tokens(cfg.mod.capacity, seq_len)
-        extra = 2 * m.d_model * seq_len  # router r = wᵀx on every token
-        if cfg.mod.predictor:
-            hidden = cfg.mod.predictor_hidden or m.d_model // 8
-            extra += 2 * seq_len * (m.d_model * hidden + hidden)
+        if cfg.mod.routing == "learned":
+            extra = 2 * m.d_model * seq_len  # router r = wᵀx on every token
+            if cfg.mod.predictor:
+                hidden = predictor_hidden(cfg.mod, m.d_model)
+                extra += 2 * seq_len * (m.d_model * hidden + hidden)  # d -> hidden -> 1
     return 2 * tokens * block_linear_params(m) + 4 * tokens * tokens * m.d_model + extra
 
 
