@@ -31,7 +31,7 @@ def _f(default: Any, help: str) -> Any:
 @dataclass
 class ModelConfig:
     flavour: str = _f("debug", f"named architecture preset, one of {sorted(FLAVOURS)}; other model.* flags override it")
-    vocab_size: int = _f(4096, "vocabulary size (the tokenizer's; padded to a multiple of parallel.tp)")
+    vocab_size: int = _f(4096, "vocabulary size (the tokenizer's; must be divisible by parallel.tp)")
     d_model: int = _f(128, "hidden size")
     n_layers: int = _f(4, "number of transformer blocks")
     n_heads: int = _f(4, "attention query heads")
@@ -330,6 +330,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             f"choose a tp that divides both")
     if m.ffn_hidden % p.tp:
         raise ConfigError(f"--model.ffn_hidden {m.ffn_hidden} is not divisible by --parallel.tp {p.tp}")
+    if m.vocab_size % p.tp:
+        # Refused rather than padded (Megatron pads): padding would make the embedding's shape
+        # depend on tp, so checkpoints and exported weights would too.
+        up = -(-m.vocab_size // p.tp) * p.tp
+        raise ConfigError(f"--model.vocab_size {m.vocab_size} is not divisible by --parallel.tp {p.tp} (the "
+                          f"vocabulary is split across TP ranks); set --model.vocab_size {up} (rows past the "
+                          f"tokenizer's ids are never used) or choose another tp")
     if m.n_layers < p.pp:
         raise ConfigError(f"--model.n_layers {m.n_layers} is fewer than --parallel.pp {p.pp} stages")
     if t.seq_len > m.max_seq_len:

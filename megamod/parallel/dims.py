@@ -2,12 +2,19 @@
 
 TP fastest keeps tensor-parallel groups inside a node (NVLink); PP slowest lets pipeline stages
 span nodes, where only activations cross. ``ParallelDims`` is built once from the config, owns
-every process group, and is passed explicitly; it is also the ``mpu`` object DeepSpeed takes:
+every process group, and is passed explicitly; it is also the ``mpu`` object DeepSpeed takes.
+What DeepSpeed 0.19 does with each (engine.py, zero/stage_1_and_2.py, runtime/utils.py):
 
-    model-parallel          = TP (DeepSpeed sums grad norms of sharded params over it)
-    data-parallel           = DP (ZeRO partitions optimizer state over it)
+    tensor-model-parallel   = TP: rank and size; ``is_model_parallel_parameter`` params are
+                              counted on every TP rank, replicated ones only on TP rank 0
+    model-parallel group    = TP × PP: grad norms and overflow flags are summed / maxed over it
+                              (DeepSpeed's own PipelineParallelGrid does the same: a norm must
+                              include every stage); rank and size stay TP's (they name the
+                              mp_rank_XX checkpoint files, and Megatron's legacy API does this)
+    data-parallel           = DP
     sequence-parallel       = CP
-    sequence-data-parallel  = DP × CP (gradients of replicated params are averaged over it)
+    sequence-data-parallel  = DP × CP: ZeRO partitions optimizer state and averages gradients
+                              over it (this, not the DP group, is ZeRO's ``dp_process_group``)
     pipe-parallel           = PP
 
 The grid arithmetic (``coords``, ``group_ranks``) is pure, so it is unit-tested for large worlds
@@ -33,6 +40,13 @@ class ParallelDims:
     pp: int
     rank: int = 0
     groups: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ORDER:
+            if getattr(self, name) < 1:
+                raise ValueError(f"ParallelDims: {name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ParallelDims: rank {self.rank} outside the grid of {self.world_size} ranks {self.sizes()}")
 
     @property
     def world_size(self) -> int:
@@ -71,10 +85,18 @@ class ParallelDims:
 
     # The groups megamod uses, by name -> the grid dimensions they span.
     GROUPS = {"tp": ("tp",), "cp": ("cp",), "dp": ("dp",), "pp": ("pp",), "dp_cp": ("cp", "dp"),
-              "tp_cp": ("tp", "cp")}
+              "tp_cp": ("tp", "cp"), "mp": ("tp", "pp")}
+
+    def group_of(self, name: str, rank: int | None = None) -> list[int]:
+        """The ranks of group ``name`` that contain ``rank`` (pure arithmetic)."""
+        r = self.rank if rank is None else rank
+        return next(g for g in self.group_ranks(self.GROUPS[name]) if r in g)
 
     def build_groups(self) -> None:
         """Create every process group once, in the same order on every rank (a collective)."""
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(f"the grid {self.sizes()} needs {self.world_size} ranks, but the process group has "
+                             f"{dist.get_world_size()}; change --parallel.* or the number of processes")
         for name, dims in self.GROUPS.items():
             for ranks in self.group_ranks(dims):
                 g = dist.new_group(ranks)
@@ -88,7 +110,7 @@ class ParallelDims:
 
     # ---- the mpu interface DeepSpeed calls -----------------------------------------------------
     def get_model_parallel_group(self):
-        return self.groups["tp"]
+        return self.groups["mp"]  # TP × PP: see the module docstring
 
     def get_model_parallel_rank(self) -> int:
         return self.coords()["tp"]
@@ -105,6 +127,9 @@ class ParallelDims:
     def get_tensor_model_parallel_world_size(self) -> int:
         return self.tp
 
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.group_of("tp")[0]
+
     def get_data_parallel_group(self):
         return self.groups["dp"]
 
@@ -113,6 +138,9 @@ class ParallelDims:
 
     def get_data_parallel_world_size(self) -> int:
         return self.dp
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return self.group_of("dp")
 
     def get_sequence_parallel_group(self):
         return self.groups["cp"]

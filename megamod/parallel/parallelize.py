@@ -8,6 +8,7 @@ Order: tensor parallelism (swap linears/embedding, sequence-parallel regions) ->
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from megamod.config import Config
 from megamod.model.gpt import GPT
 from megamod.parallel.dims import ParallelDims
+from megamod.parallel.tensor import apply_tp, universal_checkpoint_info
+from megamod.parallel.tp_layers import vocab_parallel_cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -25,14 +28,32 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
+def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
+    """``lm_loss`` for logits (B, S, V/tp) sharded by vocabulary over ``group``: same value on
+    every TP rank, and the full (B, S, V) logits never exist anywhere."""
+    return vocab_parallel_cross_entropy(logits, targets, group).mean()
+
+
 def parallelize_model(model: GPT, cfg: Config, dims: ParallelDims) -> None:
     """In-place, on the meta device. Degree-1 dimensions are no-ops."""
-    if dims.tp > 1 or dims.cp > 1 or dims.pp > 1:
+    if dims.cp > 1 or dims.pp > 1:
         raise NotImplementedError(
-            f"this build supports data parallelism only; got tp={dims.tp} cp={dims.cp} pp={dims.pp} "
-            f"(set --parallel.tp/--parallel.cp/--parallel.pp to 1)")
+            f"context and pipeline parallelism are not implemented yet; got cp={dims.cp} pp={dims.pp} "
+            f"(set --parallel.cp 1 --parallel.pp 1; tensor and data parallelism are supported)")
+    if cfg.parallel.sequence_parallel and dims.tp > 1 and cfg.mod.enabled:
+        # A routed block picks its top-k over the whole sequence; under SP each rank holds S/tp
+        # tokens, so routing needs the gathered logits (DESIGN.md, MoD), which is not wired yet.
+        raise NotImplementedError("Mixture-of-Depths with --parallel.sequence_parallel is not implemented yet; "
+                                  "set --parallel.sequence_parallel false (tensor parallelism works with MoD)")
+    # How each parameter is split, saved with every checkpoint (at tp=1 too), so DeepSpeed's
+    # ds_to_universal can merge TP slices and a run can resume at another TP degree.
+    model.universal_checkpoint_info = universal_checkpoint_info(model)
+    # 1. Tensor parallelism (+ sequence parallelism): swap linears/embedding for sharded ones.
+    apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
 
 
 def build_loss_fn(cfg: Config, dims: ParallelDims) -> LossFn:
     """The loss matching the output layer's sharding (vocab-parallel under TP), chosen once."""
+    if dims.tp > 1:
+        return partial(vocab_parallel_lm_loss, group=dims.group("tp"))
     return lm_loss

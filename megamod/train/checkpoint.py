@@ -125,23 +125,59 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
-def load(engine, ckpt_dir: str, tag: str) -> TrainState:
-    """Collective. Restores DeepSpeed state and ours; returns the train state to continue from."""
+def _grid(meta: dict[str, Any]) -> dict[str, int]:
+    p = meta["config"]["parallel"]
+    return {"world_size": meta["world_size"], "tp": p["tp"], "cp": p["cp"], "pp": p["pp"]}
+
+
+def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None) -> TrainState:
+    """Collective. Restores DeepSpeed state and ours; returns the train state to continue from.
+
+    ``grid``: this run's degrees (``ParallelDims.sizes()``). A checkpoint written on another grid
+    (TP degree or world size) is resumed through DeepSpeed's universal checkpoint (converted
+    once, by rank 0; see megamod/parallel/reshard.py)."""
     path = os.path.join(ckpt_dir, tag)
     with open(os.path.join(path, MARKER)) as f:
         meta = json.load(f)
-    if meta["world_size"] != dist.get_world_size():
-        # DeepSpeed's ZeRO shards are tied to the DP size; say so instead of failing in DeepSpeed.
-        raise RuntimeError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks, this run has "
-            f"{dist.get_world_size()}; resume with the same number of processes (or convert it with "
-            f"DeepSpeed's ds_to_universal.py and load it as a universal checkpoint)")
-    load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = os.path.join(path, f"megamod_rank{dist.get_rank():05d}.pt")
-    _set_rng_state(torch.load(rng_file, weights_only=False))
+    saved = _grid(meta)
+    now = {**saved, **{k: v for k, v in (grid or {}).items() if k in saved}, "world_size": dist.get_world_size()}
+    rank = dist.get_rank()
+    if saved == now:
+        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+        rng_rank = rank
+    else:
+        _reshard_load(engine, ckpt_dir, tag, saved, now, meta)
+        rng_rank = 0  # every rank's default RNG stream is the same (one seed, same draws); take rank 0's
+    _set_rng_state(torch.load(os.path.join(path, f"megamod_rank{rng_rank:05d}.pt"), weights_only=False))
     return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"], flops=meta["flops"])
+
+
+def _reshard_load(engine, ckpt_dir: str, tag: str, saved: dict[str, int], now: dict[str, int],
+                  meta: dict[str, Any]) -> None:
+    from megamod.parallel.reshard import convert_to_universal, load_universal
+
+    path = os.path.join(ckpt_dir, tag)
+    zero_saved = meta["config"]["optim"]["zero_stage"]
+    if zero_saved not in (1, 2) or engine.zero_optimization_stage() not in (1, 2):
+        # DeepSpeed restores universal checkpoints through the ZeRO optimizer; stage 3 is untested here.
+        raise RuntimeError(
+            f"checkpoint {path} was written on grid {saved}, this run is {now}: resuming on another grid "
+            f"needs --optim.zero_stage 1 or 2 on both sides (checkpoint: {zero_saved}, now: "
+            f"{engine.zero_optimization_stage()}); or resume with the checkpoint's grid")
+    err = [None]
+    if dist.get_rank() == 0:
+        print(f"checkpoint {path}: grid {saved} -> {now}, resharding via a DeepSpeed universal checkpoint",
+              flush=True)
+        try:
+            convert_to_universal(ckpt_dir, tag)
+        except Exception as e:  # the other ranks wait in the broadcast below: they must fail too
+            err[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(err, src=0)
+    if err[0] is not None:
+        raise RuntimeError(f"converting {path} to a universal checkpoint failed: {err[0]}")
+    load_universal(engine, ckpt_dir, tag)
 
 
 def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
@@ -154,7 +190,17 @@ def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, 
     tag = tag or find_latest_complete(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (a step_* dir with {MARKER})")
-    if read_meta(ckpt_dir, tag)["config"]["optim"]["zero_stage"] == 0:
+    config = read_meta(ckpt_dir, tag)["config"]
+    if config["parallel"]["tp"] > 1:
+        # TP slices are merged by the universal conversion (megamod/parallel/reshard.py, cached
+        # in the tag); it needs ZeRO ≥ 1, which resharding requires anyway.
+        from megamod.parallel.reshard import full_state_dict
+
+        sd = full_state_dict(ckpt_dir, tag)
+        if config["model"]["tie_embeddings"]:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
+        return sd
+    if config["optim"]["zero_stage"] == 0:
         module = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
         return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

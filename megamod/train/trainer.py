@@ -19,13 +19,14 @@ import torch.distributed as dist
 
 from megamod.config import Config
 from megamod.model.gpt import GPT, build_model
+from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_aux_loss_scale
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile
 from megamod.parallel.dims import ParallelDims
 from megamod.parallel.parallelize import LossFn, build_loss_fn, parallelize_model
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
 from megamod.train.engine import build_engine, resolve_dtype
-from megamod.train.flops import peak_flops, train_flops_per_step
+from megamod.train.flops import forward_flops_per_sequence, peak_flops, train_flops_per_step
 from megamod.train.metrics import MetricsLogger
 from megamod.train.signals import StopController, requeue_slurm_job
 
@@ -53,9 +54,11 @@ class Trainer:
         return os.path.join(self.cfg.train.run_dir, "checkpoints")
 
     @classmethod
-    def build(cls, cfg: Config, dims: ParallelDims, device: torch.device) -> "Trainer":
+    def build(cls, cfg: Config, dims: ParallelDims, device: torch.device,
+              stop: StopController | None = None) -> "Trainer":
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
+        set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum)  # MoD aux gradients: scaled like the LM loss
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         if cfg.train.compile:
@@ -64,7 +67,7 @@ class Trainer:
         train_data, valid_data = build_train_valid(cfg, dims.dp)
         metrics = MetricsLogger(cfg.train.run_dir, enabled=dims.rank == 0, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.train.progress, total_steps=cfg.train.steps)
-        stop = StopController(cfg.train.exit_after_minutes or None)
+        stop = stop or StopController(cfg.train.exit_after_minutes or None).install()
         trainer = cls(cfg, dims, device, model, build_loss_fn(cfg, dims), engine, train_data, valid_data,
                       ckpt.TrainState(), metrics, stop)
         if cfg.checkpoint.resume:
@@ -84,7 +87,7 @@ class Trainer:
             flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
             raise RuntimeError(f"checkpoint {self.ckpt_dir}/{tag[0]} has another architecture: {flags}. "
                                f"Use the checkpoint's model flags, or a new --train.run_dir")
-        self.state = ckpt.load(self.engine, self.ckpt_dir, tag[0])
+        self.state = ckpt.load(self.engine, self.ckpt_dir, tag[0], grid=self.dims.sizes())
         if self.dims.rank == 0:
             print(f"resumed from {self.ckpt_dir}/{tag[0]} at step {self.state.step}", flush=True)
 
@@ -114,7 +117,16 @@ class Trainer:
         return value.item() / self.dims.dp
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
+        """val_loss with training-style routing; for MoD models also val_loss_causal (the causal
+        routing generation uses), predictor accuracy and flip rates (rank 0's, over routed layers)."""
+        out = {"val_loss": self._eval_loss()}
+        if has_causal_routing(self.model):
+            out.update(evaluate_causal_routing(self.model, self._eval_loss))
+        return out
+
+    @torch.no_grad()
+    def _eval_loss(self) -> float:
         self.engine.eval()
         t = self.cfg.train
         batches = micro_batches(self.valid_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp, 0)
@@ -130,14 +142,13 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         batches = micro_batches(self.train_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp,
                                 self.state.consumed_samples)
-        self.stop.install()
         dtype = resolve_dtype(cfg, self.device)
         peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu", dtype)
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.dims.dp * t.seq_len
         last: dict[str, float] = {}
         if self.state.step == 0 and t.eval_interval > 0:
-            last["val_loss"] = self.evaluate()
-            self.metrics.log(0, {"val_loss": last["val_loss"], "val_ppl": _ppl(last["val_loss"])}, "valid")
+            last.update(self.evaluate())
+            self.metrics.log(0, {**last, "val_ppl": _ppl(last["val_loss"])}, "valid")
         window_start, window_steps = time.perf_counter(), 0
         try:
             while self.state.step < t.steps:
@@ -151,8 +162,9 @@ class Trainer:
                     self._log_train(step, last["loss"], elapsed / window_steps, tokens_per_step, peak)
                     window_start, window_steps = time.perf_counter(), 0
                 if t.eval_interval > 0 and step % t.eval_interval == 0 and step != t.steps:
-                    last["val_loss"] = self.evaluate()
-                    self.metrics.log(step, {"val_loss": last["val_loss"], "val_ppl": _ppl(last["val_loss"])}, "valid")
+                    val = self.evaluate()
+                    last.update(val)
+                    self.metrics.log(step, {**val, "val_ppl": _ppl(val["val_loss"])}, "valid")
                     window_start, window_steps = time.perf_counter(), 0  # evaluation is not step time
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != t.steps:
                     self.save()
@@ -163,11 +175,12 @@ class Trainer:
                     self.save()
                     if self.dims.rank == 0:
                         print(f"stopping at step {step}: {self.stop.reason}; checkpoint saved", flush=True)
-                        if self.stop.reason and self.stop.reason.startswith("signal"):
+                        if self.stop.wants_requeue:  # SIGUSR1 (time limit ahead), not a plain scancel
                             requeue_slurm_job()
                     return last
-            last["val_loss"] = self.evaluate()
-            self.metrics.log(self.state.step, {"val_loss": last["val_loss"], "val_ppl": _ppl(last["val_loss"])}, "valid")
+            val = self.evaluate()
+            last.update(val)
+            self.metrics.log(self.state.step, {**val, "val_ppl": _ppl(val["val_loss"])}, "valid")
             tag = self.save()
             if self.dims.rank == 0:
                 print(f"done: {self.state.step} steps; checkpoint {self.ckpt_dir}/{tag}; TensorBoard: "
@@ -178,14 +191,20 @@ class Trainer:
             self.metrics.close()
 
     def _log_train(self, step: int, loss: float, step_time: float, tokens_per_step: int, peak: float | None) -> None:
+        # A model replica's work is split over tp·cp·pp ranks; each rank does its share.
+        model_parallel = self.dims.tp * self.dims.cp * self.dims.pp
         flops_per_rank = train_flops_per_step(self.cfg, self.cfg.train.micro_batch_size * self.cfg.train.grad_accum)
-        tflops = flops_per_rank / step_time / 1e12  # per device: each rank does its share
+        flops_per_rank /= model_parallel
+        tflops = flops_per_rank / step_time / 1e12  # per device
         values = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _float(self.engine.get_global_grad_norm()),
                   "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time, "tflops_per_device": tflops,
-                  "skipped_steps": float(getattr(self.engine, "skipped_steps", 0))}
+                  "skipped_steps": float(getattr(self.engine, "skipped_steps", 0)),
+                  "flops": self.state.flops, "forward_flops_per_seq": float(forward_flops_per_sequence(self.cfg))}
+        module_values: dict[str, float] = {}
         for name, module in self.model.named_modules():
             if hasattr(module, "log_metrics"):  # seam for MoD routers, MoBA gates, ...
-                values.update({f"{name}/{k}": v for k, v in module.log_metrics().items()})
+                module_values.update({f"{name}/{k}": v for k, v in module.log_metrics().items()})
+        values.update(_over_ranks(module_values))
         if peak:
             values["mfu"] = tflops * 1e12 / peak
         if self.device.type == "cuda":
@@ -193,6 +212,21 @@ class Trainer:
         else:
             values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self.metrics.log(step, values)
+
+
+def _over_ranks(local: dict[str, float]) -> dict[str, float]:
+    """Module metrics averaged over the ranks that report them (pipeline stages hold different
+    modules); per-rank counts (keys ending in "selected_tokens") also as their max over ranks, so
+    max/mean shows the imbalance. A collective at log intervals only."""
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, local)
+    out: dict[str, float] = {}
+    for key in sorted({k for g in gathered for k in g}):
+        vals = [g[key] for g in gathered if key in g]
+        out[key] = sum(vals) / len(vals)
+        if key.endswith("selected_tokens"):
+            out[key + "_max"] = max(vals)
+    return out
 
 
 def _ppl(loss: float) -> float:
