@@ -254,7 +254,7 @@ def main(argv=None) -> int:
     for variant in ("dense", "mod"):
         cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
                "--variant", variant]
-        env = {**os.environ, "PYTHONPATH": REPO}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-6000:], sep="\n", file=sys.stderr)

@@ -1,0 +1,174 @@
+"""Dense training throughput on one GPU: HF transformers (eager, compiled) vs megamod's trainer step.
+
+    python benchmarks/train_throughput.py                       # the 1.26B model of issue 9, all three
+    python benchmarks/train_throughput.py --which c --flavour 2b --micro-batch 4
+    python benchmarks/train_throughput.py --tiny                # CPU smoke test of the script itself
+
+Same architecture and batch for all: hidden 2048, 22 layers, 16 heads, FFN 5632, vocab 32000,
+seq 2048, micro-batch 8, untied embeddings.
+(a) HF LlamaForCausalLM, fp32 weights + bf16 autocast, fused AdamW, SDPA attention, eager;
+(b) the same under torch.compile;
+(c) megamod: the real Trainer.train_step (DeepSpeed engine, ZeRO-1, bf16 weights with fp32 master
+    weights in the optimizer, --compile compiles each block).
+Each: warm-up excluded, median of --steps steps, CUDA-synchronised wall time per step.
+MFU by the PaLM formula: (6N + 12·L·d·S) FLOPs per token, N = parameters other than the input
+embedding, against 989 TFLOP/s (H100/H200 dense bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+
+import torch
+
+PEAK = 989e12
+
+
+def palm_flops_per_token(n_params_no_emb: int, layers: int, d: int, seq: int) -> float:
+    return 6 * n_params_no_emb + 12 * layers * d * seq
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_hf(args, device, compiled: bool) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=args.d, intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.heads, vocab_size=args.vocab,
+                      max_position_embeddings=args.seq, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    fwd = torch.compile(model) if compiled else model
+    ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    n_no_emb = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    times = time_steps(step, device, args.warmup + (2 if compiled else 0), args.steps)
+    out = _summary("HF + torch.compile" if compiled else "HF eager", times, args, n_no_emb, device)
+    del model, opt, fwd
+    return out
+
+
+def bench_megamod(args, device) -> dict:
+    import torch.distributed as dist
+
+    from megamod.config import load_config
+    from megamod.model.gpt import count_parameters
+    from megamod.parallel.dims import ParallelDims
+    from megamod.train.data import micro_batches
+    from megamod.train.trainer import Trainer
+
+    overrides = ["--model.flavour", args.flavour, "--model.d_model", str(args.d), "--model.n_layers", str(args.layers),
+                 "--model.n_heads", str(args.heads), "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden",
+                 str(args.ffn), "--model.vocab_size", str(args.vocab), "--model.max_seq_len", str(args.seq),
+                 "--train.seq_len", str(args.seq), "--train.micro_batch_size", str(args.micro_batch),
+                 "--train.steps", str(args.warmup + args.steps + 2), "--optim.zero_stage", "1",
+                 "--train.compile", str(args.compile).lower(), "--train.activation_checkpointing",
+                 str(args.ac).lower(), "--data.synthetic", "true", "--checkpoint.resume", "false",
+                 "--logging.tensorboard", "false", "--train.run_dir", "/tmp/megamod-throughput",
+                 "--train.device", device.type, *args.overrides]
+    cfg = load_config(None, overrides)
+    if not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29591")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    dims = ParallelDims(tp=1, cp=1, dp=1, pp=1, rank=0)
+    dims.build_groups()
+    trainer = Trainer.build(cfg, dims, device)
+    batches = micro_batches(trainer.train_data, cfg.train.micro_batch_size, 0, 1, 0)
+    times = time_steps(lambda: trainer.train_step(batches), device, args.warmup + (2 if args.compile else 0),
+                       args.steps)
+    n_no_emb = count_parameters(cfg.model)["non_embedding"]
+    label = "megamod (DeepSpeed ZeRO-1" + (", compiled blocks)" if args.compile else ")")
+    out = _summary(label, times, args, n_no_emb, device)
+    del trainer
+    return out
+
+
+def _summary(label: str, times: list[float], args, n_no_emb: int, device) -> dict:
+    med = statistics.median(times)
+    tokens = args.micro_batch * args.seq
+    flops = palm_flops_per_token(n_no_emb, args.layers, args.d, args.seq) * tokens
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"name": label, "step_ms": med * 1e3, "p10_ms": sorted(times)[len(times) // 10] * 1e3,
+            "p90_ms": sorted(times)[9 * len(times) // 10] * 1e3, "tokens_per_s": tokens / med,
+            "tflops": flops / med / 1e12, "mfu": flops / med / PEAK, "peak_mem_gib": mem}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--which", default="a,b,c", help="a: HF eager, b: HF compiled, c: megamod")
+    ap.add_argument("--flavour", default="1b")
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--ac", action="store_true", help="activation checkpointing in megamod")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny shape")
+    ap.add_argument("--json", help="write results here")
+    args, args.overrides = ap.parse_known_args()
+    if args.tiny:
+        args.d, args.layers, args.heads, args.ffn, args.vocab, args.seq, args.micro_batch = 64, 2, 4, 128, 512, 64, 2
+        args.steps, args.warmup, args.compile, args.flavour = 3, 1, False, "debug"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for w in args.which.split(","):
+        r = {"a": lambda: bench_hf(args, device, False), "b": lambda: bench_hf(args, device, True),
+             "c": lambda: bench_megamod(args, device)}[w.strip()]()
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\ndevice: {name}, torch {torch.__version__}; d {args.d}, L {args.layers}, S {args.seq}, "
+          f"B {args.micro_batch}")
+    print(f"{'':<40}{'step ms':>9}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
+    for r in results:
+        print(f"{r['name']:<40}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
+              f"{r['mfu']:>7.1%}{r['peak_mem_gib']:>9.1f}")
+    by = {r["name"].split(" (")[0]: r for r in results}
+    if "megamod" in by and "HF + torch.compile" in by:
+        print(f"megamod / (HF + compile) = {by['megamod']['tokens_per_s'] / by['HF + torch.compile']['tokens_per_s']:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
