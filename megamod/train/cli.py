@@ -22,6 +22,10 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                  description="Train a megamod model. Config flags: --section.field value.")
     ap.add_argument("--config", help="YAML config (examples/configs/*.yaml)")
     ap.add_argument("-h", "--help", action="store_true")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate the config for --world-size ranks and print the rank grid, pipeline split "
+                         "and per-rank memory; starts no processes")
+    ap.add_argument("--world-size", type=int, default=1, help="ranks to plan for with --dry-run")
     return ap.parse_known_args(argv)
 
 
@@ -64,6 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"megamod-train: error: {e}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        from megamod.train.dryrun import format_report
+
+        try:
+            validate(cfg, args.world_size)
+            print(format_report(cfg, args.world_size))
+        except ConfigError as e:
+            print(f"megamod-train: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.train.device != "cpu" and _cuda() else "cpu")
     try:
         dims, device = init_distributed(cfg)

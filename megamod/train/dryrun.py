@@ -1,0 +1,288 @@
+"""``megamod-train --dry-run --world-size N``: plan a run for a world this machine doesn't have.
+
+Pure arithmetic: the config is validated for ``N`` ranks, the rank grid comes from
+``ParallelDims`` (no process group), the model is built on the meta device only to count its
+parameters by layer. Nothing here touches torch.distributed.
+
+Pipeline split. Contiguous stages chosen to minimise the largest stage's forward FLOPs
+(``megamod.train.flops.layer_forward_flops`` per block, so Mixture-of-Depths blocks are cheap).
+The input embedding sits on stage 0 and costs 0 FLOPs (a lookup, flops.py's convention); the
+final norm (elementwise, 0) and the output projection (2·S·d·V) sit on the last stage.
+
+Memory model, bytes per rank (one rank per pipeline stage is reported; every rank of a stage is
+alike). P is the rank's parameters: its stage's TP-sharded parameters / tp plus its replicated
+ones (norms, MoD router and predictor) counted fully.
+
+    dtype bf16 (mixed-precision Adam, 16 B/param): weights 2 (bf16) + gradients 2 (bf16)
+        + optimizer 12 (fp32 master copy 4, Adam m 4, v 4)
+    dtype fp32 (CPU runs, 16 B/param as well):     weights 4 + gradients 4
+        + optimizer 8 (m 4, v 4; the fp32 weights are their own master, no copy)
+
+ZeRO partitions over the ZeRO group of Z = dp·cp ranks (DeepSpeed's sequence-data-parallel
+group, see parallel/dims.py; Z = dp when cp = 1):
+    stage 0: nothing partitioned      stage 1: optimizer / Z
+    stage 2: optimizer, gradients / Z stage 3: optimizer, gradients, weights / Z
+
+Activations per block and micro-batch (Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", Table 2), s = train.seq_len, b = micro_batch_size,
+h = d_model, a = n_heads, t = tp, in bytes (bf16, so they are an upper bound: megamod has no
+dropout masks, and flash SDPA does not keep the 5·a·s/h softmax term):
+
+    TP, no SP, no recompute:              s·b·h·(10 + 24/t + 5·a·s/(h·t))
+    TP + sequence parallel:               s·b·h·(34 + 5·a·s/h)/t
+    full activation checkpointing:        2·s·b·h (the block input; /t under SP, where it is sharded)
+
+A MoD routed block runs on k = capacity·s tokens: the formula at s = k, plus the full-length
+block input 2·s·b·h (/t under SP) it keeps for the scatter back. A stage holds its blocks'
+activations for the micro-batches in flight under 1F1B: min(pp − stage, grad_accum), so pp on
+stage 0 when grad_accum >= pp. Context parallelism divides the total by cp. Not counted: logits
+(≈ 4·s·b·V/t bytes on the last stage), temporary buffers, communication buffers, fragmentation.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from megamod.config import Config, resolve_dp
+from megamod.model.mod import capacity_tokens, routed_layers
+from megamod.train.flops import layer_forward_flops
+
+GIB = 2 ** 30
+
+# (weights, gradients, optimizer state) bytes per parameter; see the module docstring.
+BYTES_PER_PARAM = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+ZERO_PARTITIONED = {0: (), 1: ("optimizer",), 2: ("optimizer", "gradients"),
+                    3: ("optimizer", "gradients", "parameters")}
+
+
+def training_dtype(cfg: Config) -> str:
+    """train.dtype; 'auto' is bf16 unless train.device is cpu (a multi-rank plan means GPUs)."""
+    if cfg.train.dtype != "auto":
+        return cfg.train.dtype
+    return "fp32" if cfg.train.device == "cpu" else "bf16"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline split
+# ---------------------------------------------------------------------------------------------
+
+def output_flops(cfg: Config) -> int:
+    """Forward FLOPs of the output projection per sequence (the final norm is elementwise: 0)."""
+    return 2 * cfg.train.seq_len * cfg.model.d_model * cfg.model.vocab_size
+
+
+def stage_flops(cfg: Config, stages: list[list[int]]) -> list[int]:
+    """Forward FLOPs per sequence of each stage, the output projection on the last."""
+    s = cfg.train.seq_len
+    out = [sum(layer_forward_flops(cfg, i, s) for i in layers) for layers in stages]
+    out[-1] += output_flops(cfg)
+    return out
+
+
+def stage_split(cfg: Config) -> list[list[int]]:
+    """Contiguous, non-empty stages of block ids minimising the largest stage's FLOPs.
+
+    Dynamic programme over (stages used, blocks covered): O(pp·L²), exact. Ties keep the
+    earliest cut, so the split is deterministic."""
+    n, pp = cfg.model.n_layers, cfg.parallel.pp
+    costs = [layer_forward_flops(cfg, i, cfg.train.seq_len) for i in range(n)]
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    tail = output_flops(cfg)
+
+    def cost(i: int, j: int) -> int:  # blocks [i, j) as one stage; the last stage carries the output
+        return prefix[j] - prefix[i] + (tail if j == n else 0)
+
+    inf = float("inf")
+    # best[k][j]: the smallest max-stage cost of blocks [0, j) in k stages; cut[k][j]: its last cut.
+    best = [[inf] * (n + 1) for _ in range(pp + 1)]
+    cut = [[0] * (n + 1) for _ in range(pp + 1)]
+    best[0][0] = 0
+    for k in range(1, pp + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                v = max(best[k - 1][i], cost(i, j))
+                if v < best[k][j]:
+                    best[k][j], cut[k][j] = v, i
+    stages, j = [], n
+    for k in range(pp, 0, -1):
+        i = cut[k][j]
+        stages.append(list(range(i, j)))
+        j = i
+    return stages[::-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters and memory
+# ---------------------------------------------------------------------------------------------
+
+def _tp_sharded(param_name: str) -> bool:
+    from megamod.parallel.tensor import TP_PLAN, Colwise, Rowwise, VocabEmbedding
+
+    module = param_name.rsplit(".", 1)[0]
+    return any(fnmatch.fnmatchcase(module, pat) and isinstance(style, (Colwise, Rowwise, VocabEmbedding))
+               for pat, style in TP_PLAN.items())
+
+
+def stage_parameters(cfg: Config, stages: list[list[int]]) -> list[int]:
+    """Parameters one rank of each stage holds: TP-sharded ones / tp, replicated ones in full."""
+    import torch
+
+    from megamod.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(cfg)
+    stage_of = {i: s for s, layers in enumerate(stages) for i in layers}
+    last = len(stages) - 1
+    sharded, replicated = [0] * len(stages), [0] * len(stages)
+    for name, p in model.named_parameters():  # a tied output weight is listed once, as the embedding
+        head = name.split(".")[0]
+        s = 0 if head == "tok_embeddings" else last if head in ("norm", "output") else stage_of[int(name.split(".")[1])]
+        (sharded if _tp_sharded(name) else replicated)[s] += p.numel()
+    if cfg.model.tie_embeddings and last > 0:
+        sharded[last] += model.tok_embeddings.weight.numel()  # the last stage keeps its own copy
+    tp = cfg.parallel.tp
+    return [sh // tp + rep for sh, rep in zip(sharded, replicated)]
+
+
+def activation_formula(cfg: Config) -> str:
+    p = cfg.parallel
+    if cfg.train.activation_checkpointing:
+        sharded = "/t" if p.sequence_parallel else ""
+        return f"2·s·b·h{sharded} (full activation checkpointing: block input only)"
+    if p.sequence_parallel:
+        return "s·b·h·(34 + 5·a·s/h)/t (TP + sequence parallel, no recompute)"
+    return "s·b·h·(10 + 24/t + 5·a·s/(h·t)) (TP without sequence parallel, no recompute)"
+
+
+def layer_activation_bytes(cfg: Config, layer_id: int) -> float:
+    """One block, one micro-batch, before the cp division (Korthikanti et al. 2022; docstring)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    b, h, a, tp = t.micro_batch_size, m.d_model, m.n_heads, p.tp
+    sp = tp if p.sequence_parallel else 1
+    full_input = 2 * t.seq_len * b * h / sp
+
+    def korthikanti(s: int) -> float:
+        if p.sequence_parallel:
+            return s * b * h * (34 + 5 * a * s / h) / tp
+        return s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+
+    if t.activation_checkpointing:
+        return full_input
+    if layer_id in routed_layers(cfg):
+        return korthikanti(capacity_tokens(cfg.mod.capacity, t.seq_len)) + full_input
+    return korthikanti(t.seq_len)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    layers: list[int]
+    flops: int                # forward FLOPs per sequence
+    params: int               # parameters per rank
+    in_flight: int            # micro-batches whose activations are held under 1F1B
+    memory: dict[str, float]  # bytes per rank: parameters, gradients, optimizer, activations, total
+
+
+def plan_stages(cfg: Config, world_size: int) -> list[StagePlan]:
+    p = cfg.parallel
+    zero_group = resolve_dp(cfg, world_size) * p.cp
+    per_param = dict(zip(("parameters", "gradients", "optimizer"), BYTES_PER_PARAM[training_dtype(cfg)]))
+    partitioned = ZERO_PARTITIONED[cfg.optim.zero_stage]
+    stages = stage_split(cfg)
+    plans = []
+    for s, (layers, flops, params) in enumerate(zip(stages, stage_flops(cfg, stages),
+                                                    stage_parameters(cfg, stages))):
+        in_flight = min(p.pp - s, cfg.train.grad_accum)
+        mem = {k: params * nbytes / (zero_group if k in partitioned else 1) for k, nbytes in per_param.items()}
+        mem["activations"] = sum(layer_activation_bytes(cfg, i) for i in layers) * in_flight / p.cp
+        mem["total"] = sum(mem.values())
+        plans.append(StagePlan(layers, flops, params, in_flight, mem))
+    return plans
+
+
+def memory_per_rank(cfg: Config, world_size: int, plans: list[StagePlan] | None = None) -> dict[str, float]:
+    """Bytes per rank, each component at its worst stage (parameters: the largest stage;
+    activations: usually stage 0, which holds the most micro-batches), so a bound for every rank."""
+    plans = plan_stages(cfg, world_size) if plans is None else plans
+    out = {k: max(pl.memory[k] for pl in plans) for k in ("parameters", "gradients", "optimizer", "activations")}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def _ranks(g: list[int]) -> str:
+    if len(g) > 2 and g == list(range(g[0], g[-1] + 1)):
+        return f"[{g[0]}-{g[-1]}]"
+    if len(g) > 6:
+        return f"[{', '.join(map(str, g[:4]))}, …, {g[-1]}]"
+    return f"[{', '.join(map(str, g))}]"
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+
+
+def format_report(cfg: Config, world_size: int) -> str:
+    from megamod.parallel.dims import ParallelDims
+
+    p, t = cfg.parallel, cfg.train
+    dp = resolve_dp(cfg, world_size)
+    dims = ParallelDims(tp=p.tp, cp=p.cp, dp=dp, pp=p.pp)
+    plans = plan_stages(cfg, world_size)
+    dtype = training_dtype(cfg)
+    w, g, o = BYTES_PER_PARAM[dtype]
+    lines = [f"megamod dry run: model {cfg.model.flavour} ({cfg.model.n_layers} blocks"
+             f"{', MoD' if cfg.mod.enabled else ''}), world size {world_size} = "
+             f"tp {p.tp} × cp {p.cp} × dp {dp} × pp {p.pp} (tp varies fastest, pp slowest)",
+             "", "rank grid (first groups of each kind):"]
+    for name, label in (("tp", "tp"), ("cp", "cp"), ("dp", "dp"), ("pp", "pp"), ("dp_cp", "ZeRO (dp·cp)")):
+        groups = dims.group_ranks(dims.GROUPS[name])
+        lines.append(f"  {label:<13} {len(groups):>4} groups of {len(groups[0]):<4} "
+                     + " ".join(_ranks(gr) for gr in groups[:3]) + (" …" if len(groups) > 3 else ""))
+    c0 = dims.coords(0)
+    lines.append(f"  rank 0: tp {c0['tp']}, cp {c0['cp']}, dp {c0['dp']}, pp {c0['pp']}; "
+                 f"rank {world_size - 1}: " + ", ".join(f"{k} {v}" for k, v in dims.coords(world_size - 1).items()))
+
+    total = sum(pl.flops for pl in plans)
+    mean = total / len(plans)
+    lines += ["", f"pipeline stages (contiguous split balancing forward FLOPs per {t.seq_len}-token sequence, "
+                  f"megamod.train.flops):",
+              f"  {'stage':>5}  {'blocks':<8} {'also':<22} {'GFLOP':>9} {'share':>6}  {'params/rank':>12}"]
+    for s, pl in enumerate(plans):
+        also = ", ".join((["embedding"] if s == 0 else []) + (["norm, output"] if s == len(plans) - 1 else []))
+        lines.append(f"  {s:>5}  {_span(pl.layers):<8} {also or '-':<22} {pl.flops / 1e9:>9.1f} "
+                     f"{pl.flops / total:>6.1%}  {pl.params:>12,d}")
+    lines.append(f"  max/mean FLOPs {max(pl.flops for pl in plans) / mean:.3f}")
+
+    zero = cfg.optim.zero_stage
+    lines += ["", f"memory per rank, GiB: {dtype} Adam, {w} weights + {g} gradients + {o} optimizer = "
+                  f"{w + g + o} B/param; ZeRO-{zero} over dp·cp = {dp * p.cp} ranks "
+                  f"(partitioned: {', '.join(ZERO_PARTITIONED[zero]) or 'nothing'})",
+              f"  {'stage':>5}  {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>7}  micro-batches held"]
+    for s, pl in enumerate(plans):
+        m = pl.memory
+        lines.append(f"  {s:>5}  {m['parameters'] / GIB:>7.2f} {m['gradients'] / GIB:>7.2f} "
+                     f"{m['optimizer'] / GIB:>7.2f} {m['activations'] / GIB:>7.2f} {m['total'] / GIB:>7.2f}  "
+                     f"{pl.in_flight}")
+    worst = memory_per_rank(cfg, world_size, plans)
+    lines.append(f"  {'bound':>5}  {worst['parameters'] / GIB:>7.2f} {worst['gradients'] / GIB:>7.2f} "
+                 f"{worst['optimizer'] / GIB:>7.2f} {worst['activations'] / GIB:>7.2f} {worst['total'] / GIB:>7.2f}"
+                 f"  (each column at its worst stage)")
+    lines += [f"  activations: Korthikanti et al. 2022, {activation_formula(cfg)} bytes per block and micro-batch, "
+              f"s {t.seq_len}, b {t.micro_batch_size}, h {cfg.model.d_model}, a {cfg.model.n_heads}, t {p.tp}; "
+              f"× blocks on the stage × micro-batches held under 1F1B (min(pp − stage, grad_accum)) ÷ cp; "
+              f"logits and buffers not counted"]
+    if p.pp > 1 and t.grad_accum < p.pp:
+        lines.append(f"  warning: train.grad_accum {t.grad_accum} < pp {p.pp} micro-batches: the 1F1B pipeline "
+                     f"is mostly bubble; raise --train.grad_accum")
+    if p.pp > 1 and zero >= 2:
+        lines.append(f"  warning: DeepSpeed's PipelineEngine refuses ZeRO-2/3 with pipeline parallelism; "
+                     f"--optim.zero_stage {zero} with pp {p.pp} needs ZeRO 0/1")
+    lines.append("note: pipeline (and context) parallelism are only planned here; the trainer does not "
+                 "implement them yet (it runs tp × dp with --parallel.pp 1 --parallel.cp 1).")
+    return "\n".join(lines)

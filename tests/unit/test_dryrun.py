@@ -1,0 +1,92 @@
+"""The dry run (megamod.train.dryrun): pipeline split, per-rank memory and the CLI, all pure
+arithmetic on configs far larger than the machine (no process group)."""
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from megamod.config import load_config, validate
+from megamod.model.gpt import count_parameters
+from megamod.train.cli import main
+from megamod.train.dryrun import memory_per_rank, stage_flops, stage_split
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_2B, CONFIG_1B = str(ROOT / "examples/configs/2b.yaml"), str(ROOT / "examples/configs/1b.yaml")
+# 2b has 20 heads, so tp 8 is refused (see test_cli_bad_grid_exits_2); tp 4 × pp 4 × dp 16 = 256.
+GRID_2B = ["--parallel.tp", "4", "--parallel.pp", "4"]
+
+
+@pytest.mark.parametrize("zero, dtype", [(0, "bf16"), (1, "bf16"), (2, "bf16"), (3, "bf16"), (2, "fp32")])
+def test_2b_memory_matches_zero_formulas(zero, dtype):
+    """2b: d 2560, L 24, F 6912, V 32000, untied, so count_parameters gives
+        N = L·(4d² + 3·d·F + 2d) + 2·V·d + d      (blocks with 2 norms, embedding, output, final norm)
+    FLOPs balance puts 6 blocks on each stage (the output, ~0.9 of a block, cannot move a whole
+    block off the last stage without overloading another), so the largest stage is the last:
+        P = 6·(4d² + 3·d·F)/tp + 6·2d + V·d/tp + d  (norms replicated, the rest TP-sharded)
+    Bytes per parameter (weights, grads, optimizer): bf16 (2, 2, 12), fp32 (4, 4, 8); ZeRO-k
+    divides the first k of (optimizer, gradients, weights) by the ZeRO group dp·cp = 16."""
+    cfg = load_config(CONFIG_2B,
+                      [*GRID_2B, "--optim.zero_stage", str(zero), "--train.dtype", dtype])
+    validate(cfg, 256)
+    d, L, F, V, tp, z = 2560, 24, 6912, 32000, 4, 16
+    n = count_parameters(cfg.model)["total"]
+    block_linear = (n - 2 * V * d - d) // L - 2 * d
+    assert block_linear == 4 * d * d + 3 * d * F
+    assert stage_split(cfg) == [list(range(s, s + 6)) for s in range(0, 24, 6)]
+    p = 6 * block_linear // tp + 6 * 2 * d + V * d // tp + d
+    w, g, o = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}[dtype]
+    expected = {"parameters": w * p / (z if zero >= 3 else 1), "gradients": g * p / (z if zero >= 2 else 1),
+                "optimizer": o * p / (z if zero >= 1 else 1)}
+    mem = memory_per_rank(cfg, 256)
+    assert {k: mem[k] for k in expected} == expected
+    assert mem["activations"] > 0 and mem["total"] == pytest.approx(sum(expected.values()) + mem["activations"])
+
+
+def _check_cover(stages, n):
+    assert all(stages) and list(itertools.chain(*stages)) == list(range(n))  # each block once, in order
+
+
+def test_mod_1b_split_is_balanced():
+    """1b with MoD: 22 blocks, every odd block routed at 12.5% (~0.11 of a dense block's FLOPs),
+    and an output projection of ~1.1 blocks on the last stage; 4 stages balance within 10%."""
+    cfg = load_config(CONFIG_1B, ["--mod.enabled", "true", "--parallel.pp", "4"])
+    stages = stage_split(cfg)
+    _check_cover(stages, 22)
+    assert len(stages) == 4
+    flops = stage_flops(cfg, stages)
+    assert max(flops) / (sum(flops) / 4) < 1.10
+
+
+def test_split_is_the_min_max_over_all_cuts():
+    """Brute force over every contiguous split of a 9-block MoD model into 3 stages."""
+    cfg = load_config(None, ["--data.synthetic", "true", "--model.n_layers", "9", "--mod.enabled", "true",
+                             "--parallel.pp", "3", "--train.seq_len", "256"])
+    stages = stage_split(cfg)
+    _check_cover(stages, 9)
+    best = min(max(stage_flops(cfg, [list(range(0, i)), list(range(i, j)), list(range(j, 9))]))
+               for i in range(1, 8) for j in range(i + 1, 9))
+    assert max(stage_flops(cfg, stages)) == best
+
+
+def test_cli_dry_run_prints_the_plan():
+    out = subprocess.run([sys.executable, "-m", "megamod.train", "--dry-run", "--world-size", "256",
+                          "--config", CONFIG_2B, *GRID_2B],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    for needle in ("tp 4 × cp 1 × dp 16 × pp 4", "rank 0: tp 0, cp 0, dp 0, pp 0", "max/mean FLOPs",
+                   "ZeRO-2 over dp·cp = 16", "Korthikanti", "bound", "only planned here"):
+        assert needle in out.stdout
+
+
+def test_cli_bad_grid_exits_2(capsys):
+    """In-process, to show that no process group is started on either path."""
+    base = ["--dry-run", "--config", CONFIG_2B]
+    assert main([*base, "--world-size", "100", "--parallel.tp", "8"]) == 2
+    assert "world size 100 is not divisible by tp·cp·pp" in capsys.readouterr().err
+    assert main([*base, "--world-size", "256", "--parallel.tp", "8", "--parallel.pp", "4"]) == 2
+    assert "not divisible by --parallel.tp 8" in capsys.readouterr().err  # 20 heads
+    assert not dist.is_initialized()
