@@ -12,6 +12,8 @@ python3 -c "import torch, triton, deepspeed; print('torch', torch.__version__, '
 for what in "$@"; do
     case $what in
         throughput) python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | grep -v Warning | tee "$OUT/throughput.log" ;;
+        throughput-split) python3 benchmarks/train_throughput.py --which b,c,d --json "$OUT/throughput_split.json" 2>&1 \
+            | grep -v Warning | tee "$OUT/throughput_split.log" ;;
         mod) python3 benchmarks/mod_speed.py --json "$OUT/mod_speed.json" 2>&1 | grep -v Warning | tee "$OUT/mod_speed.log" ;;
         mod-compile) python3 benchmarks/mod_speed.py --compile --json "$OUT/mod_speed_compile.json" 2>&1 \
             | grep -v Warning | tee "$OUT/mod_speed_compile.log" ;;

@@ -112,6 +112,39 @@ def bench_megamod(args, device) -> dict:
     return out
 
 
+def bench_megamod_plain(args, device) -> dict:
+    """megamod's model without DeepSpeed, in HF's recipe (fp32 weights + bf16 autocast, fused
+    AdamW, blocks compiled): separates the model code's speed from the engine's overhead."""
+    from megamod.config import load_config
+    from megamod.model.gpt import build_model, count_parameters
+    from megamod.model.transforms import apply_compile
+    from megamod.parallel.parallelize import lm_loss
+
+    cfg = load_config(None, ["--model.d_model", str(args.d), "--model.n_layers", str(args.layers), "--model.n_heads",
+                             str(args.heads), "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden", str(args.ffn),
+                             "--model.vocab_size", str(args.vocab), "--model.max_seq_len", str(args.seq),
+                             "--data.synthetic", "true"])
+    model = build_model(cfg, device=device)
+    if args.compile:
+        apply_compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), device=device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = time_steps(step, device, args.warmup + (2 if args.compile else 0), args.steps)
+    out = _summary("megamod model, no DeepSpeed (HF recipe)", times, args,
+                   count_parameters(cfg.model)["non_embedding"], device)
+    del model, opt
+    return out
+
+
 def _summary(label: str, times: list[float], args, n_no_emb: int, device) -> dict:
     med = statistics.median(times)
     tokens = args.micro_batch * args.seq
@@ -129,7 +162,8 @@ def _summary(label: str, times: list[float], args, n_no_emb: int, device) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--which", default="a,b,c", help="a: HF eager, b: HF compiled, c: megamod")
+    ap.add_argument("--which", default="a,b,c",
+                    help="a: HF eager, b: HF compiled, c: megamod trainer, d: megamod model without DeepSpeed")
     ap.add_argument("--flavour", default="1b")
     ap.add_argument("--d", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=22)
@@ -152,7 +186,7 @@ def main() -> None:
     results = []
     for w in args.which.split(","):
         r = {"a": lambda: bench_hf(args, device, False), "b": lambda: bench_hf(args, device, True),
-             "c": lambda: bench_megamod(args, device)}[w.strip()]()
+             "c": lambda: bench_megamod(args, device), "d": lambda: bench_megamod_plain(args, device)}[w.strip()]()
         results.append(r)
         print(json.dumps(r), flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
