@@ -39,15 +39,15 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, temperature: floa
     """Autoregressive sampling with a KV cache: one prefill over the prompt, then one token a step.
 
     Mixture-of-Depths blocks route causally (a token goes through iff sigmoid(prediction) > 0.5)
-    and skipped tokens write nothing into that layer's cache. MoBA layers have no cached decoding
-    yet: such models re-run the whole prefix every step (O(n²), still causal routing).
+    and skipped tokens write nothing into that layer's cache. MoBA layers decode from the cache too,
+    gating each new query on the cached block means (KVCache.for_model; same selection as a full
+    forward).
     The prompt is cut from the left so prompt + new tokens fit in model.max_seq_len."""
     model.eval()
     device = next(model.parameters()).device
     prompt = prompt[-max(1, model.model_cfg.max_seq_len - max_new_tokens):]
     ids = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, n)
-    use_cache = model.model_cfg.attention == "sdpa"
-    cache = KVCache(batch_size=1, max_len=len(prompt) + max_new_tokens) if use_cache else None
+    cache = KVCache.for_model(model, batch_size=1, max_len=len(prompt) + max_new_tokens)
     out: list[int] = []
     with routing(model, "causal") if routed_blocks(model) else contextlib.nullcontext():
         logits = model(ids, positions=torch.arange(ids.shape[1], device=device), cache=cache)[:, -1].float()
@@ -57,11 +57,8 @@ def sample(model: GPT, prompt: list[int], max_new_tokens: int, temperature: floa
             if (eod_id is not None and out[-1] == eod_id) or len(out) == max_new_tokens:
                 break
             ids = torch.cat([ids, nxt], dim=1)
-            if use_cache:
-                pos = torch.tensor([ids.shape[1] - 1], device=device)
-                logits = model(nxt, positions=pos, cache=cache)[:, -1].float()
-            else:
-                logits = model(ids)[:, -1].float()
+            pos = torch.tensor([ids.shape[1] - 1], device=device)
+            logits = model(nxt, positions=pos, cache=cache)[:, -1].float()
     return out
 
 
