@@ -115,7 +115,10 @@ class Predictor(nn.Module):
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
         self.hidden = nn.Linear(d_model, hidden)
-        self.out = nn.Linear(hidden, 1)
+        # No bias on the 1-wide output: DeepSpeed packs bf16 parameters back to back in one flat
+        # buffer, and a 1-element tensor would shift every later parameter off 16-byte alignment
+        # (cuBLAS then drops to slow kernels; inductor's addmm faults with "misaligned address").
+        self.out = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(F.silu(self.hidden(x)))
