@@ -90,7 +90,7 @@ def bench_megamod(args, device) -> dict:
                  "--model.n_heads", str(args.heads), "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden",
                  str(args.ffn), "--model.vocab_size", str(args.vocab), "--model.max_seq_len", str(args.seq),
                  "--train.seq_len", str(args.seq), "--train.micro_batch_size", str(args.micro_batch),
-                 "--train.steps", str(args.warmup + args.steps + 2), "--optim.zero_stage", "1",
+                 "--train.steps", str(args.warmup + args.steps + 5), "--optim.zero_stage", "1",
                  "--train.compile", str(args.compile).lower(), "--train.activation_checkpointing",
                  str(args.ac).lower(), "--data.synthetic", "true", "--checkpoint.resume", "false",
                  "--logging.tensorboard", "false", "--train.run_dir", "/tmp/megamod-throughput",
@@ -105,11 +105,30 @@ def bench_megamod(args, device) -> dict:
     batches = micro_batches(trainer.train_data, cfg.train.micro_batch_size, 0, 1, 0)
     times = time_steps(lambda: trainer.train_step(batches), device, args.warmup + (2 if args.compile else 0),
                        args.steps)
+    if args.profile:
+        _profile(lambda: trainer.train_step(batches), device, args.profile)
     n_no_emb = count_parameters(cfg.model)["non_embedding"]
     label = "megamod (DeepSpeed ZeRO-1" + (", compiled blocks)" if args.compile else ")")
     out = _summary(label, times, args, n_no_emb, device)
     del trainer
     return out
+
+
+def _profile(step, device, path: str) -> None:
+    """Three profiled steps; the top kernels and CPU ops by self time go to ``path`` and stdout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
+    with open(path, "w") as f:
+        f.write(table + "\n\n" + cpu)
+    print(table[-6000:])
 
 
 def bench_megamod_plain(args, device) -> dict:
@@ -176,6 +195,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing in megamod")
+    ap.add_argument("--profile", help="megamod (c): profile 3 extra steps, tables written to this file")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny shape")
     ap.add_argument("--json", help="write results here")
     args, args.overrides = ap.parse_known_args()
