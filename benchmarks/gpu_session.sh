@@ -14,6 +14,8 @@ for what in "$@"; do
         throughput) python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | grep -v Warning | tee "$OUT/throughput.log" ;;
         throughput-split) python3 benchmarks/train_throughput.py --which b,c,d --json "$OUT/throughput_split.json" 2>&1 \
             | grep -v Warning | tee "$OUT/throughput_split.log" ;;
+        mod-compile-mb8) python3 benchmarks/mod_speed.py --compile --micro-batch-size 8 --grad-accum 2 \
+            --json "$OUT/mod_speed_compile_mb8.json" 2>&1 | grep -v Warning | tee "$OUT/mod_speed_compile_mb8.log" ;;
         profile) python3 benchmarks/train_throughput.py --which c --steps 5 --profile "$OUT/profile_megamod.txt" \
             2>&1 | grep -v Warning | tail -60 ;;
         mod) python3 benchmarks/mod_speed.py --json "$OUT/mod_speed.json" 2>&1 | grep -v Warning | tee "$OUT/mod_speed.log" ;;
