@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The demo behind `make demo`: on a 2-core CPU, in about 10 minutes,
+# The demo behind `make demo`: on a 2-core CPU, in about 3 minutes,
 #   Python stdlib corpus -> sentencepiece tokenizer -> Megatron .bin/.idx -> debug model trained on
 #   2 data-parallel ranks with ZeRO-2 -> evaluation, TensorBoard events, checkpoint -> a sample.
 # Data steps are skipped when their outputs exist; the training run starts fresh each time.

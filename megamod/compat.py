@@ -10,7 +10,13 @@ import functools
 import importlib.util
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+# Single-tensor collectives: newer torch calls them all_gather_single / reduce_scatter_single,
+# older cluster images only have the *_into_tensor / *_tensor names. Chosen once, at import.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @functools.cache

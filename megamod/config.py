@@ -224,7 +224,7 @@ def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
         section, _, name = key.partition(".")
         values: list[str] = [inline] if inline else []
         i += 1
-        while not inline and i < len(argv) and not (argv[i].startswith("--") and not _is_number(argv[i])):
+        while not inline and i < len(argv) and not (argv[i].startswith("--") and not is_number(argv[i])):
             values.append(argv[i])
             i += 1
         if not values:
@@ -233,7 +233,8 @@ def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _is_number(s: str) -> bool:
+def is_number(s: str) -> bool:
+    """Whether a command-line word is a number (a value such as -1, not a --flag; a blend weight)."""
     try:
         float(s)
         return True

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from megamod.config import is_number
 from megamod.data.blend import BlendedDataset, blend_indices
 from megamod.data.indexed import IndexedDataset, strip_suffix
 from megamod.data.sample_index import (FORMAT_VERSION, build_sample_index, cached_sample_index,
@@ -35,7 +36,7 @@ def parse_data_paths(args: list[str]) -> tuple[list[str], list[float]]:
     if not words:
         raise ValueError("--data.paths is empty: give a dataset prefix, or 'W1 P1 W2 P2 ...'")
     if len(words) == 1:
-        if _is_number(words[0]):
+        if is_number(words[0]):
             raise ValueError(f"--data.paths: {words[0]!r} is a weight without a dataset prefix")
         return [strip_suffix(words[0])], [1.0]
     if len(words) % 2:
@@ -43,9 +44,9 @@ def parse_data_paths(args: list[str]) -> tuple[list[str], list[float]]:
                          f"words ({len(words)}): {words}")
     weights, paths = [], []
     for w, p in zip(words[::2], words[1::2]):
-        if not _is_number(w):
+        if not is_number(w):
             raise ValueError(f"--data.paths: expected a weight before {p!r}, got {w!r}")
-        if _is_number(p):
+        if is_number(p):
             raise ValueError(f"--data.paths: expected a dataset prefix after weight {w}, got {p!r}")
         if not float(w) > 0 or not np.isfinite(float(w)):
             raise ValueError(f"--data.paths: weight {w} for {p!r} must be positive and finite")
@@ -53,14 +54,6 @@ def parse_data_paths(args: list[str]) -> tuple[list[str], list[float]]:
         paths.append(strip_suffix(p))
     total = sum(weights)
     return paths, [w / total for w in weights]
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-        return True
-    except ValueError:
-        return False
 
 
 def parse_split(split: str) -> list[float]:

@@ -34,10 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# torch 2.13 renamed the single-tensor collectives; older images (cluster torch) have the old
-# names. Chosen once here, not in the hot path.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from megamod.compat import all_gather_single, reduce_scatter_single
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +46,7 @@ def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     """(B, S/tp, ...) -> (B, S, ...), rank r's chunk at position r."""
     world = dist.get_world_size(group)
     out = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)  # (tp·B, S/tp, ...)
-    _all_gather_single(out, x.contiguous(), group=group)
+    all_gather_single(out, x.contiguous(), group=group)
     return out.unflatten(0, (world, x.shape[0])).movedim(0, 1).flatten(1, 2)  # (B, tp·S/tp, ...)
 
 
@@ -58,7 +56,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:
     b, s = x.shape[:2]
     chunks = x.unflatten(1, (world, s // world)).movedim(1, 0).flatten(0, 1).contiguous()  # (tp·B, S/tp, ...)
     out = torch.empty((b, *chunks.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, chunks, group=group)
+    reduce_scatter_single(out, chunks, group=group)
     return out
 
 

@@ -8,6 +8,7 @@ every step.
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
@@ -48,6 +49,12 @@ class Trainer:
     state: ckpt.TrainState
     metrics: MetricsLogger
     stop: StopController
+
+    @functools.cached_property
+    def step_flops(self) -> int:
+        """Analytic training FLOPs of one optimizer step over the global batch (train/flops.py)."""
+        t = self.cfg.train
+        return train_flops_per_step(self.cfg, t.micro_batch_size * t.grad_accum * self.dims.dp)
 
     @property
     def ckpt_dir(self) -> str:
@@ -108,7 +115,7 @@ class Trainer:
         t = self.cfg.train
         self.state.step += 1
         self.state.consumed_samples += t.micro_batch_size * t.grad_accum * self.dims.dp
-        self.state.flops += train_flops_per_step(self.cfg, t.micro_batch_size * t.grad_accum * self.dims.dp)
+        self.state.flops += self.step_flops
         return torch.stack(losses).mean()
 
     def _dp_mean(self, value: torch.Tensor) -> float:
@@ -191,10 +198,7 @@ class Trainer:
             self.metrics.close()
 
     def _log_train(self, step: int, loss: float, step_time: float, tokens_per_step: int, peak: float | None) -> None:
-        # A model replica's work is split over tp·cp·pp ranks; each rank does its share.
-        model_parallel = self.dims.tp * self.dims.cp * self.dims.pp
-        flops_per_rank = train_flops_per_step(self.cfg, self.cfg.train.micro_batch_size * self.cfg.train.grad_accum)
-        flops_per_rank /= model_parallel
+        flops_per_rank = self.step_flops / self.dims.world_size  # every rank does an equal share
         tflops = flops_per_rank / step_time / 1e12  # per device
         values = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _float(self.engine.get_global_grad_norm()),
                   "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time, "tflops_per_device": tflops,
