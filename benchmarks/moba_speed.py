@@ -6,8 +6,13 @@ kernels against the dense masked reference, peak memory per point, an optional t
 and the fraction of 128x128 tiles a tile-sparse kernel (FlexAttention) would have to visit for
 MoBA's per-token picks.
 
-  python benchmarks/moba_speed.py --check --points 32768:512:3,131072:512:3,1048576:4096:12 \
-      --dense-max 1048576 --md benchmarks/results/moba_speed.md
+  python benchmarks/moba_speed.py --warm 14 --check --points 32768:512:3,131072:512:3,1048576:4096:12 \
+      --dense-max 1048576 --json out.json --md out.md
+  python benchmarks/moba_speed.py --warm 14 --points '' --sweep 131072:512:3,262144:4096:12:fwd+dq+kv
+
+--warm N compiles every kernel variant the run needs first, in N processes at small sizes (Triton's
+on-disk cache then serves the timed process): serially, ~80 variants took most of a 420 s call.
+--auto runs the points (and the bf16 check cases of the same chunk) with the sweep's best configs.
 """
 from __future__ import annotations
 
@@ -47,43 +52,58 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def check(log):
-    """Kernels vs the dense reference (fp32 math on the same inputs), fresh random inputs."""
+CHECK_CASES = [  # lens, chunk, topk, H, Hkv, D, dtype
+    ([1000, 3000, 77], 64, 3, 4, 2, 128, torch.bfloat16),
+    ([4096], 512, 3, 16, 16, 128, torch.bfloat16),
+    ([2048, 1500], 128, 5, 8, 2, 128, torch.bfloat16),
+    ([2500, 1700], 128, 4, 4, 1, 64, torch.float32),
+    ([777, 1290], 100, 3, 4, 4, 96, torch.float32),
+    ([8192], 4096, 12, 16, 16, 128, torch.bfloat16),  # the long-block kernels (1M point's configs)
+]
+
+
+def check(log, only=None, cfgs=None):
+    """Kernels vs the dense reference (fp32 math on the same inputs), fresh random inputs.
+    cfgs: {chunk: config} for the bf16 cases (the configs the timed points use), else defaults."""
     torch.manual_seed(1)
-    cases = [  # lens, chunk, topk, H, Hkv, D, dtype
-        ([1000, 3000, 77], 64, 3, 4, 2, 128, torch.bfloat16),
-        ([4096], 512, 3, 16, 16, 128, torch.bfloat16),
-        ([2048, 1500], 128, 5, 8, 2, 128, torch.bfloat16),
-        ([2500, 1700], 128, 4, 4, 1, 64, torch.float32),
-        ([777, 1290], 100, 3, 4, 4, 96, torch.float32),
-    ]
     ok = True
-    for lens, B, topk, h, hkv, d, dt in cases:
+    for i, (lens, B, topk, h, hkv, d, dt) in enumerate(CHECK_CASES):
+        if only is not None and i != only:
+            continue
+        cfg = (cfgs or {}).get(B) if dt == torch.bfloat16 else None
         cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEV)
         T = int(cu[-1])
         q = torch.randn(T, h, d, device=DEV, dtype=dt, requires_grad=True)
         k = torch.randn(T, hkv, d, device=DEV, dtype=dt, requires_grad=True)
         v = torch.randn(T, hkv, d, device=DEV, dtype=dt, requires_grad=True)
         do = torch.randn(T, h, d, device=DEV, dtype=dt)
-        o, lse = mt.moba_attn_varlen_triton(q, k, v, cu, max(lens), B, topk, return_lse=True)
+        o, lse = mt.moba_attn_varlen_triton(q, k, v, cu, max(lens), B, topk, return_lse=True, cfg=cfg)
         g = torch.autograd.grad(o, (q, k, v), do)
         q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
         o_r, lse_r = moba_attn_varlen_reference(q32, k32, v32, cu, max(lens), B, topk, return_lse=True)
         g_r = torch.autograd.grad(o_r, (q32, k32, v32), do.float())
-        picks = mt.moba_gate_triton(q, k, cu, max(lens), B, topk).long().sort(-1).values
+        picks = mt.moba_gate_triton(q, k, cu, max(lens), B, topk, cfg=cfg).long().sort(-1).values
         picks_r = moba_select_blocks(q, k, cu, B, topk).sort(-1).values
         agree = (picks == picks_r).all(-1).float().mean().item()
         fma = dict(mt.default_cfg(q, B), gate_prec="fma")
         picks_f = mt.moba_gate_triton(q, k, cu, max(lens), B, topk, cfg=fma).long().sort(-1).values
         agree_fma = (picks_f == picks_r).all(-1).float().mean().item()
+        # slot order the slot passes rely on: a row at position t holds min(KS, t // B) picks in
+        # its last slots (moba_triton._gate_kernel)
+        raw = mt.moba_gate_triton(q, k, cu, max(lens), B, topk, cfg=cfg)
+        pos = torch.cat([torch.arange(n, device=DEV) for n in lens])
+        want = (torch.arange(topk - 1, device=DEV)[None, :]
+                >= (topk - 1) - torch.clamp(pos // B, max=topk - 1)[:, None])
+        slots_ok = bool(torch.equal(raw >= 0, want[:, None, :].expand_as(raw)))
         errs = [rel(o, o_r), rel(lse, lse_r)] + [rel(a, b) for a, b in zip(g, g_r)]
+        del o_r, lse_r, g_r, q32, k32, v32
         tol = 1e-2 if dt == torch.bfloat16 else 1e-5
-        good = max(errs) < tol and torch.isfinite(o).all().item()
+        good = max(errs) < tol and torch.isfinite(o).all().item() and slots_ok
         ok &= good
         log(f"check {str(dt)[6:]:8s} lens={lens} B={B} topk={topk} H={h}/{hkv} D={d}: "
             f"out {errs[0]:.2e} lse {errs[1]:.2e} dq {errs[2]:.2e} dk {errs[3]:.2e} dv {errs[4]:.2e} "
-            f"(tol {tol:g}) picks agree with torch fp32: {mt.default_cfg(q, B)['gate_prec']} {agree:.5f}, "
-            f"fma {agree_fma:.5f} -> {'OK' if good else 'FAIL'}")
+            f"(tol {tol:g}) picks agree with torch fp32: {(cfg or mt.default_cfg(q, B))['gate_prec']} {agree:.5f}, "
+            f"fma {agree_fma:.5f}, slot order {'ok' if slots_ok else 'WRONG'} -> {'OK' if good else 'FAIL'}")
     return ok
 
 
@@ -171,7 +191,8 @@ def bench_point(T, B, topk, reps, dense, log, cfg):
                     F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).backward(dod)
 
             try:
-                row[f"{name}_fwd"], _ = timed(d_fwd, dreps)
+                # at 1M one forward takes ~9 s: no separate warm-up either
+                row[f"{name}_fwd"], _ = timed(d_fwd, dreps, warmup=1 if T <= 131072 else 0)
                 # at 1M one fwd+bwd takes ~30 s: no separate warm-up (the forward is warm already)
                 row[f"{name}_fb"], _ = timed(d_fb, dreps, warmup=1 if T <= 131072 else 0)
                 log(f"dense {name} T={T}: fwd {row[f'{name}_fwd']:.2f} ms, fwd+bwd {row[f'{name}_fb']:.2f} ms; "
@@ -184,48 +205,99 @@ def bench_point(T, B, topk, reps, dense, log, cfg):
     return row
 
 
-def sweep(T, B, topk, log):
-    """Time the kernels of each phase for a few tile configs (one point)."""
+SWEEP = {  # (bm, bn, warps, stages); gate: (bm, nblk, dc, warps, prec, stages)
+    "gate": [(64, 32, 4, 4, "tf32x3", 3), (64, 32, 4, 4, "tf32x3", 1), (128, 32, 4, 8, "tf32x3", 2),
+             (32, 32, 4, 4, "tf32x3", 2)],
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2)],
+    "kv": [(32, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2)],
+}
+GATE_KEYS = ("bm", "nblk", "dc", "warps", "prec", "stages")
+
+
+def sweep(T, B, topk, log, phases, base):
+    """Time each phase (gate+plan, forward attention, backward) for a few tile configs at one
+    point; each variant changes one phase's config only, the rest stays at base."""
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
     cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
-    variants = {
-        "gate": [(64, 32, 4, 8, "fma"), (32, 32, 8, 4, "fma"), (64, 64, 4, 8, "fma"), (64, 32, 4, 4, "tf32x3")],
-        "fwd": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 128, 4, 2)],
-        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
-        "kv": [(64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 2), (16, 128, 4, 2)],
-    }
-    plan = mt._plan(q, k, cu, T, B, topk, mt.GPU_CFG)
-    out, lse2 = mt._forward(q, k, v, plan, mt.GPU_CFG)
+    plan = mt._plan(q, k, cu, T, B, topk, base)
+    out, lse2 = mt._forward(q, k, v, plan, base)
+    reps = 5 if T <= 131072 else 3
     best = {}
-    for phase, vs in variants.items():
-        for var in vs:
+    for phase in phases:
+        for var in SWEEP[phase]:
             if phase == "gate":
-                bm, bn, dc, w, st = var
-                cfg = dict(mt.GPU_CFG, gate_bm=bm, gate_nblk=bn, gate_dc=dc, gate_warps=w, gate_prec=st)
+                cfg = dict(base, **{f"gate_{a}": b for a, b in zip(GATE_KEYS, var)})
                 fn = lambda: mt._plan(q, k, cu, T, B, topk, cfg)  # noqa: E731
             else:
                 bm, bn, w, st = var
-                cfg = dict(mt.GPU_CFG, **{f"{phase}_bm": bm, f"{phase}_bn": bn, f"{phase}_warps": w,
-                                          f"{phase}_stages": st})
-            if phase == "fwd":
-                fn = lambda: mt._forward(q, k, v, plan, cfg)  # noqa: E731
-            elif phase in ("dq", "kv"):
-                fn = lambda: mt._backward(q, k, v, out, lse2, do, None, plan, cfg)  # noqa: E731
+                cfg = dict(base, **{f"{phase}_bm": bm, f"{phase}_bn": bn, f"{phase}_warps": w,
+                                    f"{phase}_stages": st})
+                if phase == "fwd":
+                    fn = lambda: mt._forward(q, k, v, plan, cfg)  # noqa: E731
+                else:
+                    fn = lambda: mt._backward(q, k, v, out, lse2, do, None, plan, cfg)  # noqa: E731
             try:
-                t, _ = timed(fn, 5)
-                log(f"sweep T={T} {phase} bm={bm} bn={bn} warps={w} stages={st}: {t:.2f} ms")
+                t, _ = timed(fn, reps)
+                log(f"sweep T={T} B={B} {phase} {var}: {t:.2f} ms")
                 if t < best.get(phase, (1e9,))[0]:
                     best[phase] = (t, var)
             except Exception as e:  # noqa: BLE001 (out of resources etc.)
-                log(f"sweep T={T} {phase} bm={bm} bn={bn} warps={w} stages={st}: failed {str(e)[:120]}")
-    log(f"sweep best: {best}")
-    names = dict(gate=("bm", "nblk", "dc", "warps", "prec"))
+                log(f"sweep T={T} B={B} {phase} {var}: failed {str(e)[:160]}")
+    log(f"sweep best T={T} B={B}: {best}")
+    names = dict(gate=GATE_KEYS)
     upd = {}
     for phase, (_, var) in best.items():
         for key, val in zip(names.get(phase, ("bm", "bn", "warps", "stages")), var):
             upd[f"{phase}_{key}"] = val
     return upd
+
+
+def warm_job(spec):
+    """Compile (by running once at a small size) the kernels of one config, so that a pool of
+    processes fills Triton's on-disk cache in parallel before anything is timed."""
+    if spec["kind"] == "check":
+        check(lambda s: None, only=spec["case"])
+        return
+    B, topk, cfg = spec["B"], spec["topk"], spec["cfg"]
+    T = 4 * B
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
+    mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg).backward(torch.randn_like(q))
+    with torch.no_grad():
+        mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg)
+    torch.cuda.synchronize()
+
+
+def warm(sweeps, points, overrides, workers, log, with_check=True):
+    import json
+    import subprocess
+    import time
+
+    jobs = [dict(kind="check", case=i) for i in range(len(CHECK_CASES))] if with_check else []
+    for B, topk, phases in sorted(set((B, k, tuple(ph)) for _, B, k, ph in sweeps)):
+        base = dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)
+        for phase in phases:
+            for var in SWEEP[phase]:
+                keys = GATE_KEYS if phase == "gate" else ("bm", "bn", "warps", "stages")
+                jobs.append(dict(kind="run", B=B, topk=topk,
+                                 cfg=dict(base, **{f"{phase}_{a}": b for a, b in zip(keys, var)})))
+    for B, topk in sorted(set(points)):
+        jobs.append(dict(kind="run", B=B, topk=topk,
+                         cfg=dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)))
+    t0 = time.time()
+    running, failed = [], 0
+    while jobs or running:
+        while jobs and len(running) < workers:
+            running.append(subprocess.Popen([sys.executable, __file__, "--warm-job", json.dumps(jobs.pop(0))],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.2)
+        for pr in [x for x in running if x.poll() is not None]:
+            failed += pr.returncode != 0
+            running.remove(pr)
+    log(f"warm-up compile: {time.time() - t0:.0f} s with {workers} processes ({failed} jobs failed)")
 
 
 def profile(T, B, topk, log, cfg):
@@ -255,7 +327,12 @@ def main():
     global dense_flash_1m
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
-    ap.add_argument("--sweep", default="", help="T:chunk:topk point to sweep tile configs at")
+    ap.add_argument("--sweep", default="", help="T:chunk:topk[:phase+phase] points (comma list) to sweep "
+                    "tile configs at (phases gate, fwd, dq, kv; default all)")
+    ap.add_argument("--json", default="", help="write the rows and the log as JSON")
+    ap.add_argument("--auto", action="store_true", help="run the points with the sweep's best configs (per chunk)")
+    ap.add_argument("--warm", type=int, default=0, help="compile every config first, in this many processes")
+    ap.add_argument("--warm-job", default="", help=argparse.SUPPRESS)
     ap.add_argument("--points", default="32768:512:3,131072:512:3,1048576:4096:12")
     ap.add_argument("--dense-max", type=int, default=131072, help="largest T for the dense baselines")
     ap.add_argument("--dense-flash-1m", action="store_true")
@@ -265,6 +342,12 @@ def main():
     ap.add_argument("--md", default="")
     ap.add_argument("--cfg", default="", help="overrides of GPU_CFG, e.g. fwd_bn=128,kv_bm=32")
     args = ap.parse_args()
+    if args.warm_job:
+        import json
+
+        spec = json.loads(args.warm_job)
+        warm_job(spec)
+        return
     dense_flash_1m = args.dense_flash_1m
     lines = []
 
@@ -285,23 +368,46 @@ def main():
         f"{props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}, "
         f"cudnn {torch.backends.cudnn.version()}; cfg {cfg}")
     log("command: python " + " ".join(sys.argv))
+    sweeps = []
+    for p in filter(None, args.sweep.split(",")):
+        f = p.split(":")
+        T, B, k = map(int, f[:3])
+        sweeps.append((T, B, k, f[3].split("+") if len(f) > 3 else list(SWEEP)))
+    points = [tuple(map(int, p.split(":"))) for p in filter(None, args.points.split(","))]
+    if args.warm:
+        warm(sweeps, [(B, k) for _, B, k in points], overrides, args.warm, log, with_check=args.check)
+    auto = {}
+    for T, B, k, phases in sweeps:
+        best = sweep(T, B, k, log, phases, dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B),
+                                                **overrides))
+        if args.auto:
+            auto.setdefault(B, {}).update(best)
+    if auto:
+        log(f"configs from the sweep (per chunk): {auto}")
+
+    def point_cfg(B):
+        return dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides,
+                    **auto.get(B, {}))
+
     ok = True
-    if args.check:
-        ok = check(log)
-    if args.sweep:
-        T, B, k = map(int, args.sweep.split(":"))
-        overrides.update(sweep(T, B, k, log))
-        log(f"overrides after sweep: {overrides}")
+    if args.check:  # the bf16 cases whose chunk is a point's run with that point's config
+        ok = check(log, cfgs={B: point_cfg(B) for _, B, _ in points})
+        torch.cuda.empty_cache()
     for p in filter(None, args.profile.split(",")):
         T, B, k = map(int, p.split(":"))
-        profile(T, B, k, log, dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides))
+        profile(T, B, k, log, point_cfg(B))
     rows = []
-    for p in filter(None, args.points.split(",")):
-        T, B, k = map(int, p.split(":"))
+    for T, B, k in points:
         reps = args.reps if T <= 131072 else 2
-        pcfg = dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)
+        pcfg = point_cfg(B)
         log(f"cfg T={T} B={B}: {pcfg}")
         rows.append(bench_point(T, B, k, reps, T <= args.dense_max, log, pcfg))
+        if args.json:  # after every point: a run stopped at its time limit keeps what it measured
+            import json
+
+            os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+            with open(args.json, "w") as fh:
+                json.dump(dict(rows=rows, log=lines, check=ok, argv=sys.argv, partial=True), fh, indent=1)
         if args.tiles and T <= 131072:
             f = tile_visit_fraction(T, B, k)
             rows[-1]["tile_frac"] = f
@@ -319,6 +425,12 @@ def main():
     for t in table:
         log(t)
     log(f"check {'passed' if ok else 'FAILED'}")
+    if args.json:
+        import json
+
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(dict(rows=rows, log=lines, check=ok, argv=sys.argv), fh, indent=1)
     if args.md:
         os.makedirs(os.path.dirname(args.md) or ".", exist_ok=True)
         with open(args.md, "w") as fh:

@@ -5,24 +5,30 @@ nearly every past block between them (random data: almost all); a query-tile ker
 FlexAttention, which skips work only per 128x128 tile) then does almost dense work. Here the
 work is grouped the other way round, by the block that was picked:
 
+  0. plan kernels         _blocks_kernel: global block table of the packed batch
   1. _block_mean_kernel   mean of K per block                          [NB, Hkv, D] fp32
   2. _gate_kernel         per query tile: fp32 scores against the block means of its
                           sequence (exact CUDA-core fp32, or tf32x3 tensor-core products: the
                           default, see GPU_CFG), running top-KS with the lower-index tie rule;
-                          writes only the picks [T, H, KS] int32 (no [NB, H, T] score tensor)
-  3. _plan (torch)        stable sort of the (query, head, slot) entries by segment
-                          (head, block, slot): each segment is a contiguous list of tokens, and
-                          the slots of one (head, block) are adjacent. No host synchronisation.
-  4. forward              own-block pass (causal flash attention inside each block), then one
-                          pass per slot s: a program takes <= BM gathered queries of one
-                          segment, streams that block's B keys, and merges (o, lse) into the
-                          running fp32 state of its rows. In one pass a query occurs in one
-                          segment only, so the read-modify-write needs no atomics.
-  5. backward             exact: delta = rowsum(dO * O) - dlse; dQ like the forward (own pass +
-                          one pass per slot, fp32 read-modify-write); dK/dV per (block, key tile,
-                          kv head): own-block queries, then every segment that picked the block,
-                          for each query head of the GQA group. No atomics anywhere, so results
-                          are deterministic.
+                          writes only the sort key of each (query, head, slot) entry [T, H, KS]
+                          int32 (no [NB, H, T] score tensor). A row with p < KS picks holds them
+                          in its last p slots.
+  3. plan                 stable torch.sort of the keys by segment (head, block, slot): each
+                          segment is a contiguous list of tokens, the slots of one (head, block)
+                          are adjacent; _entries_kernel (tokens, segment bounds) and the tile
+                          schedule kernels. No host synchronisation.
+  4. forward              one pass per slot s, from KS-1 down to 0: a program takes <= BM
+                          gathered queries of one segment, streams that block's B keys, and
+                          merges (o, lse) into the running fp32 state of its rows (pass KS-1,
+                          which every row with a pick is in, writes it unread). In one pass a
+                          query occurs in one segment only, so the read-modify-write needs no
+                          atomics. Then the own-block pass (causal flash attention inside each
+                          block) merges the state and writes the output in the input dtype.
+  5. backward             exact: delta = rowsum(dO * O) - dlse; dQ like the forward (slot passes
+                          KS-1 .. 0 into fp32, then the own block, which adds them and writes dq);
+                          dK/dV per (block, key tile, kv head): own-block queries, then every
+                          segment that picked the block, for each query head of the GQA group.
+                          No atomics anywhere, so results are deterministic.
 Memory is linear in T: picks and the sorted entry list are T*H*KS int32, fp32 accumulators
 T*H*D. Everything is computed in base 2 (exp2) with log2(e) folded into the scale.
 """
@@ -38,13 +44,16 @@ LN2 = 0.6931471805599453
 # Tile configs (BM query rows, BN key rows), measured on an H100 (benchmarks/NOTES_moba.md).
 # Long blocks favour the larger forward tile; the gate uses split-fp32 tensor-core products
 # ("tf32x3", ~1e-6 relative): the exact-fp32 CUDA-core variant ("fma") is 9x slower there.
+# gate_stages=1: the tf32x3 gate keeps q and its split in shared memory (98 KB at 1 stage, 131 KB
+# at 3), so one stage lets two programs share an SM: gate+plan 3.40 -> 2.65 ms at 128K (sweep
+# 12:48 UTC); long blocks keep the 3 stages their end-to-end numbers were measured with.
 GPU_CFG = dict(
     fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3,
     dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3,
     kv_bm=32, kv_bn=64, kv_warps=4, kv_stages=2,
-    gate_bm=64, gate_nblk=32, gate_dc=4, gate_warps=4, gate_prec="tf32x3",
+    gate_bm=64, gate_nblk=32, gate_dc=4, gate_warps=4, gate_prec="tf32x3", gate_stages=1,
 )
-GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3)  # chunk >= 2048
+GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3, gate_stages=3)  # chunk >= 2048
 INTERP_CFG = dict(
     fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1,
     dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1,
@@ -55,6 +64,88 @@ INTERP_CFG = dict(
 
 # The kernels take max_seqlen for their grids: it must be >= the longest sequence (as in
 # flash-attn's varlen API); tokens past it would be left unwritten.
+
+# ----------------------------------------------------------------------------------------
+# plan: block table, sorted entries, tile schedule (a few launches, no host synchronisation)
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _blocks_kernel(CU, BLK_START, BLK_LEN, BLK_FIRST, N, NBT, CHUNK: tl.constexpr, R: tl.constexpr,
+                   SP: tl.constexpr):
+    """Global block table: block g of the packed batch starts at BLK_START[g] and holds BLK_LEN[g]
+    tokens (0 for the unused ids up to NBT); BLK_FIRST[n] is the id of sequence n's block 0."""
+    g = tl.program_id(0) * R + tl.arange(0, R)
+    start = tl.zeros([R], tl.int32)
+    blen = tl.zeros([R], tl.int32)
+    carry = tl.full([], 0, tl.int32)
+    for n0 in range(0, N, SP):
+        n = n0 + tl.arange(0, SP)
+        c0 = tl.load(CU + n, mask=n < N, other=0)
+        c1 = tl.load(CU + n + 1, mask=n < N, other=0)
+        nb = (c1 - c0 + CHUNK - 1) // CHUNK
+        excl = tl.cumsum(nb, 0) - nb + carry
+        if tl.program_id(0) == 0:
+            tl.store(BLK_FIRST + n, excl, mask=n < N)
+        hit = (excl[None, :] <= g[:, None]) & (g[:, None] < excl[None, :] + nb[None, :])  # [R, SP]
+        st = c0[None, :] + (g[:, None] - excl[None, :]) * CHUNK
+        start += tl.sum(tl.where(hit, st, 0), 1)
+        blen += tl.sum(tl.where(hit, tl.minimum(c1[None, :] - st, CHUNK), 0), 1)
+        carry += tl.sum(nb, 0)
+    tl.store(BLK_START + g, start, mask=g < NBT)
+    tl.store(BLK_LEN + g, blen, mask=g < NBT)
+
+
+@triton.jit
+def _entries_kernel(PERM, SKEY, TOK, BOUNDS, E, NSEG, HKS, NLOG, NPE, R: tl.constexpr):
+    """After the sort: TOK[i] = token of sorted entry i; BOUNDS[seg] = first entry with key >= seg
+    (binary search), so segment seg holds entries [BOUNDS[seg], BOUNDS[seg + 1])."""
+    pid = tl.program_id(0)
+    if pid < NPE:
+        i = pid.to(tl.int64) * R + tl.arange(0, R)
+        p = tl.load(PERM + i, mask=i < E, other=0)
+        tl.store(TOK + i, (p // HKS).to(tl.int32), mask=i < E)
+    else:
+        seg = (pid - NPE) * R + tl.arange(0, R)
+        lo = tl.zeros([R], tl.int64)
+        hi = tl.zeros([R], tl.int64) + E
+        for _ in range(NLOG):
+            mid = (lo + hi) // 2
+            v = tl.load(SKEY + mid, mask=mid < hi, other=0)
+            right = (mid < hi) & (v < seg)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(right | (mid >= hi), hi, mid)
+        tl.store(BOUNDS + seg, lo.to(tl.int32), mask=seg <= NSEG)
+
+
+@triton.jit
+def _tile_prefix_kernel(BOUNDS, TILE_FIRST, PASS_LO, HN, KS, BM: tl.constexpr, R: tl.constexpr):
+    """One program: tiles of BM entries per segment, numbered pass-major (pass s, then head and
+    block); TILE_FIRST[seg] = the segment's first tile, pass s owns [PASS_LO[s], PASS_LO[s + 1])."""
+    carry = tl.full([], 0, tl.int32)
+    for i0 in range(0, KS * HN, R):
+        i = i0 + tl.arange(0, R)  # pass-major index s * HN + (h * NBT + g)
+        ok = i < KS * HN
+        seg = (i % HN) * KS + i // HN
+        cnt = tl.load(BOUNDS + seg + 1, mask=ok, other=0) - tl.load(BOUNDS + seg, mask=ok, other=0)
+        nt = (cnt + BM - 1) // BM
+        excl = tl.cumsum(nt, 0) - nt + carry
+        tl.store(TILE_FIRST + seg, excl, mask=ok)
+        tl.store(PASS_LO + i // HN, excl, mask=ok & (i % HN == 0))
+        carry += tl.sum(nt, 0)
+    tl.store(PASS_LO + KS, carry)
+
+
+@triton.jit
+def _tile_seg_kernel(BOUNDS, TILE_FIRST, TILE_SEG, BM: tl.constexpr, R: tl.constexpr):
+    """TILE_SEG[t] = the segment of tile t (one program per segment)."""
+    seg = tl.program_id(0)
+    nt = (tl.load(BOUNDS + seg + 1) - tl.load(BOUNDS + seg) + BM - 1) // BM
+    first = tl.load(TILE_FIRST + seg)
+    for j0 in range(0, nt, R):
+        j = j0 + tl.arange(0, R)
+        tl.store(TILE_SEG + first + j, tl.zeros([R], tl.int32) + seg, mask=j < nt)
+
 
 # ----------------------------------------------------------------------------------------
 # gating
@@ -80,12 +171,19 @@ def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride
 
 @triton.jit
 def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, stride_mh, stride_st,
-                 stride_sh, G, D, CHUNK: tl.constexpr, KS: tl.constexpr, KSP: tl.constexpr,
+                 stride_sh, G, D, NBT, CHUNK: tl.constexpr, KS: tl.constexpr, KSP: tl.constexpr,
                  BLOCK_D: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr, DC: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, KEY: tl.constexpr):
     """PREC "fma": exact fp32 products and sums on the CUDA cores, DC dims at a time (tl.dot with
     "ieee" keeps whole rows in registers and spills). "tf32x3"/"bf16x3": tensor cores with fp32
-    operands split in three, fp32 accumulation (error ~1e-6 relative)."""
+    operands split in three, fp32 accumulation (error ~1e-6 relative).
+
+    Writes SEL[t, h, s]: the global block id of pick s, or -1; with KEY the sort key of the entry
+    instead: segment id (h * NBT + block) * KS + s, or NSEG = KS * H * NBT for no pick.
+    Slot order (the slot passes rely on it): a row with p < KS picks holds them in the LAST p
+    slots, because an empty slot is filled from the highest column down and a filled slot never
+    empties. p = min(KS, t // CHUNK) for the row at position t: every competing block is picked
+    when fewer than KS compete (scores are finite)."""
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
     h = tl.program_id(2)
@@ -139,7 +237,11 @@ def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, s
             topv = tl.where(hit, cmax[:, None], topv)
             topi = tl.where(hit, (j0 + carg)[:, None], topi)
             sc = tl.where(jj[None, :] == (j0 + carg)[:, None], float("-inf"), sc)
-    out = tl.where(topv > float("-inf"), b0 + topi, -1)
+    if KEY:
+        nseg = KS * NBT * tl.num_programs(2)
+        out = tl.where(topv > float("-inf"), (h * NBT + b0 + topi) * KS + cols[None, :], nseg)
+    else:
+        out = tl.where(topv > float("-inf"), b0 + topi, -1)
     tl.store(SEL + rows[:, None] * stride_st + h * stride_sh + cols[None, :], out,
              mask=(pos[:, None] < L) & (cols[None, :] < KS))
 
@@ -182,10 +284,13 @@ def _fwd_inner(acc, m_i, l_i, q, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d, D, 
 
 
 @triton.jit
-def _fwd_own_kernel(Q, K, V, O, LSE, CU, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+def _fwd_own_kernel(Q, K, V, O32, OUT, LSE, CU, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_ot, stride_oh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, PREC: tl.constexpr):
-    """Causal attention inside the own block; writes the fp32 state (o, lse2) of every row."""
+                    BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, MERGE: tl.constexpr,
+                    PREC: tl.constexpr):
+    """Causal attention inside the own block, run after the slot passes: MERGE folds in their
+    fp32 state (o, lse2) for the rows that have picks (position >= CHUNK), then writes the final
+    output in OUT's dtype and lse2 (O32 and OUT share strides; they may be the same tensor)."""
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
     h = tl.program_id(2)
@@ -218,17 +323,28 @@ def _fwd_own_kernel(Q, K, V, O, LSE, CU, qk_scale, stride_qt, stride_qh, stride_
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, Kb, Vb, 0, hi, rel, stride_kt, offs_d, D,
                                    qk_scale, BN, True, True, CHUNK, True, PREC)
     o = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o, mask=qmask)
-    tl.store(LSE + rows * stride_lt + h, m_i + tl.log2(l_i), mask=pos < L)
+    lse = m_i + tl.log2(l_i)
+    optr = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    if MERGE:
+        has = (pos >= CHUNK) & (pos < L)
+        lse_a = tl.load(LSE + rows * stride_lt + h, mask=has, other=float("-inf"))
+        o_a = tl.load(O32 + optr, mask=has[:, None] & (offs_d[None, :] < D), other=0.0)
+        mx = tl.maximum(lse_a, lse)
+        lse_n = mx + tl.log2(tl.exp2(lse_a - mx) + tl.exp2(lse - mx))
+        o = o_a * tl.exp2(lse_a - lse_n)[:, None] + o * tl.exp2(lse - lse_n)[:, None]
+        lse = lse_n
+    tl.store(OUT + optr, o.to(OUT.dtype.element_ty), mask=qmask)
+    tl.store(LSE + rows * stride_lt + h, lse, mask=pos < L)
 
 
 @triton.jit(do_not_specialize=["s"])
 def _fwd_past_kernel(Q, K, V, O, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO, BLK_START,
                      s, KS, NBT, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
                      stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr):
+                     BN: tl.constexpr, EVEN: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr):
     """Slot pass s: BM gathered queries of one (slot, head, block) segment against that block;
-    merges the partial (o, lse2) into the running fp32 state of those rows."""
+    merges the partial (o, lse2) into the running fp32 state of those rows. FIRST (slot KS-1,
+    which every row with a pick fills, see _gate_kernel) writes the state without reading it."""
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
@@ -250,13 +366,17 @@ def _fwd_past_kernel(Q, K, V, O, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS
                                qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
     lse_b = m_i + tl.log2(l_i)
     optr = O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-    lse_a = tl.load(LSE + rows * stride_lt + h, mask=ok, other=0.0)
-    o_a = tl.load(optr, mask=qmask, other=0.0)
-    mx = tl.maximum(lse_a, lse_b)
-    lse_n = mx + tl.log2(tl.exp2(lse_a - mx) + tl.exp2(lse_b - mx))
-    o_n = o_a * tl.exp2(lse_a - lse_n)[:, None] + (acc / l_i[:, None]) * tl.exp2(lse_b - lse_n)[:, None]
-    tl.store(optr, o_n, mask=qmask)
-    tl.store(LSE + rows * stride_lt + h, lse_n, mask=ok)
+    if FIRST:
+        tl.store(optr, acc / l_i[:, None], mask=qmask)
+        tl.store(LSE + rows * stride_lt + h, lse_b, mask=ok)
+    else:
+        lse_a = tl.load(LSE + rows * stride_lt + h, mask=ok, other=0.0)
+        o_a = tl.load(optr, mask=qmask, other=0.0)
+        mx = tl.maximum(lse_a, lse_b)
+        lse_n = mx + tl.log2(tl.exp2(lse_a - mx) + tl.exp2(lse_b - mx))
+        o_n = o_a * tl.exp2(lse_a - lse_n)[:, None] + (acc / l_i[:, None]) * tl.exp2(lse_b - lse_n)[:, None]
+        tl.store(optr, o_n, mask=qmask)
+        tl.store(LSE + rows * stride_lt + h, lse_n, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -304,10 +424,12 @@ def _dq_inner(dq, q, do, lse2, delta, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d
 
 
 @triton.jit
-def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt,
+def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, CU, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt,
                    stride_kh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, ALIGNED: tl.constexpr, PREC: tl.constexpr):
-    """dQ from the own block; writes the fp32 dQ (q, dO, dQ share the [T, H, D] strides)."""
+                   BN: tl.constexpr, ALIGNED: tl.constexpr, MERGE: tl.constexpr, PREC: tl.constexpr):
+    """dQ from the own block, run after the slot passes: MERGE adds their fp32 dQ for the rows
+    with picks (position >= CHUNK); writes dQ in DQ's dtype (q, dO, DQ32, DQ share the [T, H, D]
+    strides; DQ32 and DQ may be the same tensor)."""
     pid_m = tl.program_id(0)
     n = tl.program_id(1)
     h = tl.program_id(2)
@@ -340,15 +462,19 @@ def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU, qk_scale, sm_scale, stride_q
     else:
         dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, 0, hi, rel, stride_kt, offs_d, D, qk_scale,
                        BN, True, True, CHUNK, True, PREC)
-    tl.store(DQ + qp, dq * sm_scale, mask=qmask)
+    dq = dq * sm_scale
+    if MERGE:
+        dq += tl.load(DQ32 + qp, mask=qmask & (pos >= CHUNK)[:, None], other=0.0)
+    tl.store(DQ + qp, dq.to(DQ.dtype.element_ty), mask=qmask)
 
 
 @triton.jit(do_not_specialize=["s"])
 def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO,
                     BLK_START, s, KS, NBT, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, EVEN: tl.constexpr, PREC: tl.constexpr):
-    """Slot pass s of dQ: adds the picked block's contribution into the fp32 dQ rows."""
+                    BN: tl.constexpr, EVEN: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr):
+    """Slot pass s of dQ: adds the picked block's contribution into the fp32 dQ rows (FIRST, the
+    pass of slot KS-1: writes them, see _fwd_past_kernel)."""
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
@@ -370,8 +496,11 @@ def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ, TOK, SEG_START, TILE_SEG, TILE_
     kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
     dq = _dq_inner(dq, q, do, lse2, delta, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
                    qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
-    dq_a = tl.load(DQ + qp, mask=qmask, other=0.0)
-    tl.store(DQ + qp, dq_a + dq * sm_scale, mask=qmask)
+    if FIRST:
+        tl.store(DQ + qp, dq * sm_scale, mask=qmask)
+    else:
+        dq_a = tl.load(DQ + qp, mask=qmask, other=0.0)
+        tl.store(DQ + qp, dq_a + dq * sm_scale, mask=qmask)
 
 
 @triton.jit
@@ -451,49 +580,43 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _plan(q, k, cu, max_seqlen, B, topk, cfg):
-    """Block table, picks and the sorted entry list. Device ops only: no host synchronisation."""
+    """Block table, picks and the sorted entry list. Device work only (no host synchronisation),
+    in a handful of launches: block table, block means, gate (writes the sort keys), sort, entries."""
     T, H, D = q.shape
     Hkv = k.shape[1]
     N = cu.numel() - 1
     KS = topk - 1
     dev = q.device
-    cu = cu.to(dev)
+    cu = cu.to(device=dev, dtype=torch.int32)
     NBT = T // B + N  # upper bound on the number of blocks; unused ids get length 0
-    cu64 = cu.long()
-    lens = cu64[1:] - cu64[:-1]
-    nblk = (lens + B - 1) // B
-    incl = torch.cumsum(nblk, 0)
-    blk_first = incl - nblk
-    gid = torch.arange(NBT, device=dev)
-    seq = torch.searchsorted(incl, gid, right=True).clamp(max=N - 1)
-    local = gid - blk_first[seq]
-    blk_len = torch.clamp(torch.minimum(lens[seq] - local * B, torch.full_like(local, B)), min=0)
-    blk_len = torch.where(gid < incl[-1], blk_len, 0)
-    blk_start = torch.where(blk_len > 0, cu64[seq] + local * B, 0)
+    blk_start = torch.empty(NBT, dtype=torch.int32, device=dev)
+    blk_len = torch.empty(NBT, dtype=torch.int32, device=dev)
+    blk_first = torch.empty(N, dtype=torch.int32, device=dev)
+    _blocks_kernel[(_cdiv(NBT, 128),)](cu, blk_start, blk_len, blk_first, N, NBT, CHUNK=B, R=128, SP=32)
     plan = dict(T=T, H=H, Hkv=Hkv, D=D, N=N, KS=KS, B=B, NBT=NBT, max_seqlen=max_seqlen,
-                cu=cu.to(torch.int32), blk_start=blk_start.to(torch.int32), blk_len=blk_len.to(torch.int32))
+                cu=cu, blk_start=blk_start, blk_len=blk_len, blk_first=blk_first)
     if KS == 0:
         return plan
-    sel = _gate(q, k, plan, blk_first.to(torch.int32), cfg)  # [T, H, KS] global block id or -1
-    # segment id (h * NBT + g) * KS + s: the slots of one (head, block) are adjacent, so dK/dV
-    # reads them as one run; NSEG marks "no pick" and sorts last
+    # sort key of every (token, head, slot) entry: segment (h * NBT + g) * KS + s, so the slots
+    # of one (head, block) are adjacent and dK/dV reads them as one run; NSEG ("no pick") last
+    key = _gate(q, k, plan, blk_first, cfg, key=True).view(-1)  # [T*H*KS], t-major
     NSEG = KS * H * NBT
-    hs = (torch.arange(H, device=dev, dtype=torch.int32)[:, None] * NBT * KS
-          + torch.arange(KS, device=dev, dtype=torch.int32)[None, :])  # [H, KS]
-    key = torch.where(sel >= 0, hs[None] + sel * KS, NSEG).view(-1)  # [T*H*KS], t-major
-    del sel
     skey, perm = torch.sort(key, stable=True)  # stable: tokens ascending inside a segment
     del key
-    tok = torch.div(perm, H * KS, rounding_mode="floor").to(torch.int32)  # [E] token of each entry
-    del perm
-    bounds = torch.searchsorted(skey, torch.arange(NSEG + 1, device=dev, dtype=torch.int32))
-    del skey
-    plan.update(tok=tok, seg_bounds=bounds.to(torch.int32))  # segment i: entries [bounds[i], bounds[i+1])
+    E = skey.numel()
+    tok = torch.empty(E, dtype=torch.int32, device=dev)
+    bounds = torch.empty(NSEG + 1, dtype=torch.int32, device=dev)
+    R = 1024
+    npe = _cdiv(E, R)
+    _entries_kernel[(npe + _cdiv(NSEG + 1, R),)](perm, skey, tok, bounds, E, NSEG, H * KS, E.bit_length() + 1,
+                                                  npe, R=R)
+    plan.update(tok=tok, seg_bounds=bounds)  # segment i: entries [bounds[i], bounds[i+1])
     return plan
 
 
-def _gate(q, k, plan, blk_first, cfg):
-    """[T, H, KS] int32 picks (global block ids, -1 = none) of the Triton gate."""
+def _gate(q, k, plan, blk_first, cfg, key=False):
+    """[T, H, KS] int32 picks of the Triton gate (global block ids, -1 = none), or with key the
+    sort keys of the entries (see _gate_kernel)."""
     T, H, D = q.shape
     Hkv, N, KS, B, NBT = plan["Hkv"], plan["N"], plan["KS"], plan["B"], plan["NBT"]
     BLOCK_D = triton.next_power_of_2(D)
@@ -503,9 +626,10 @@ def _gate(q, k, plan, blk_first, cfg):
     sel = torch.empty(T, H, KS, dtype=torch.int32, device=q.device)
     _gate_kernel[(_cdiv(plan["max_seqlen"], cfg["gate_bm"]), N, H)](
         q, mean, sel, plan["cu"], blk_first, q.stride(0), q.stride(1), mean.stride(0),
-        mean.stride(1), sel.stride(0), sel.stride(1), H // Hkv, D, CHUNK=B, KS=KS,
+        mean.stride(1), sel.stride(0), sel.stride(1), H // Hkv, D, NBT, CHUNK=B, KS=KS,
         KSP=triton.next_power_of_2(KS), BLOCK_D=BLOCK_D, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
-        DC=cfg["gate_dc"], PREC=cfg["gate_prec"], num_warps=cfg["gate_warps"])
+        DC=cfg["gate_dc"], PREC=cfg["gate_prec"], KEY=key, num_warps=cfg["gate_warps"],
+        num_stages=cfg.get("gate_stages", 3))  # 3: Triton's default, what configs without the key used
     return sel
 
 
@@ -522,32 +646,32 @@ def moba_gate_triton(q, k, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, c
     """The Triton gate alone (tests, benchmarks): [T, H, KS] int32 picks, -1 = none."""
     if cfg is None:
         cfg = default_cfg(q, moba_chunk_size)
-    plan = _plan(q.contiguous(), k.contiguous(), cu_seqlens, max_seqlen, moba_chunk_size, 1, cfg)
+    q, k = q.contiguous(), k.contiguous()
+    plan = _plan(q, k, cu_seqlens, max_seqlen, moba_chunk_size, 1, cfg)  # block table only
     plan["KS"] = moba_topk - 1
-    cu64 = cu_seqlens.long()
-    nblk = (cu64[1:] - cu64[:-1] + moba_chunk_size - 1) // moba_chunk_size
-    blk_first = (torch.cumsum(nblk, 0) - nblk).to(torch.int32)
-    return _gate(q.contiguous(), k.contiguous(), plan, blk_first, cfg)
+    if moba_topk == 1:
+        return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int32, device=q.device)
+    return _gate(q, k, plan, plan["blk_first"], cfg)
 
 
 def _tiles(plan, BM):
     """Tile schedule of the slot passes for a BM: pass s covers tiles [pass_lo[s], pass_lo[s+1]);
-    tile_seg maps a tile to its segment, tile_first[seg] is the segment's first tile."""
+    tile_seg maps a tile to its segment, tile_first[seg] is the segment's first tile. Cached in
+    the plan: the forward and the backward share it when their BM agree."""
+    if ("tiles", BM) in plan:
+        return plan[("tiles", BM)]
     KS, H, NBT, T = plan["KS"], plan["H"], plan["NBT"], plan["T"]
-    b = plan["seg_bounds"].long()
-    cnt = (b[1:] - b[:-1]).view(H * NBT, KS).t().reshape(-1)  # [KS * H * NBT], pass-major order
-    ntile = (cnt + BM - 1) // BM
-    incl = torch.cumsum(ntile, 0)
-    ext = torch.cat([incl.new_zeros(1), incl])
-    pass_lo = ext[torch.arange(KS + 1, device=cnt.device) * H * NBT]
+    dev = plan["tok"].device
+    NSEG = KS * H * NBT
     UB = _cdiv(T * H, BM) + H * NBT  # tiles in one pass <= entries / BM + segments
-    j = torch.searchsorted(incl, torch.arange(KS * UB, device=cnt.device), right=True).clamp(max=cnt.numel() - 1)
-    seg_of = (torch.arange(cnt.numel(), device=cnt.device) % (H * NBT)) * KS + torch.arange(
-        cnt.numel(), device=cnt.device) // (H * NBT)  # pass-major index -> segment id
-    tile_first = torch.empty_like(incl)
-    tile_first[seg_of] = incl - ntile
-    return dict(UB=UB, pass_lo=pass_lo.to(torch.int32), tile_seg=seg_of[j].to(torch.int32),
-                tile_first=tile_first.to(torch.int32))
+    tile_first = torch.empty(NSEG, dtype=torch.int32, device=dev)
+    pass_lo = torch.empty(KS + 1, dtype=torch.int32, device=dev)
+    tile_seg = torch.empty(KS * UB, dtype=torch.int32, device=dev)
+    _tile_prefix_kernel[(1,)](plan["seg_bounds"], tile_first, pass_lo, H * NBT, KS, BM=BM, R=1024)
+    _tile_seg_kernel[(NSEG,)](plan["seg_bounds"], tile_first, tile_seg, BM=BM, R=128)
+    t = dict(UB=UB, pass_lo=pass_lo, tile_seg=tile_seg, tile_first=tile_first)
+    plan[("tiles", BM)] = t
+    return t
 
 
 def _prec(dtype):
@@ -555,30 +679,33 @@ def _prec(dtype):
 
 
 def _forward(q, k, v, plan, cfg):
+    """Slot passes KS-1 .. 0 into an fp32 state (the first one writes it), then the own block,
+    which merges the state and writes the output in q's dtype. Returns (out, lse2)."""
     T, H, D, N, KS, B, NBT = (plan[x] for x in ("T", "H", "D", "N", "KS", "B", "NBT"))
     G = H // plan["Hkv"]
     BLOCK_D = triton.next_power_of_2(D)
     sm_scale = D**-0.5
     qk_scale = sm_scale * LOG2E
-    o32 = torch.empty(T, H, D, dtype=torch.float32, device=q.device)  # running normalised output
-    lse2 = torch.empty(T, H, dtype=torch.float32, device=q.device)  # running log2-sum-exp2
+    out = torch.empty_like(q)
+    o32 = out if (q.dtype == torch.float32 or KS == 0) else torch.empty(T, H, D, dtype=torch.float32,
+                                                                         device=q.device)
+    lse2 = torch.empty(T, H, dtype=torch.float32, device=q.device)  # log2-sum-exp2
     BM, BN = cfg["fwd_bm"], cfg["fwd_bn"]
-    aligned = B % BM == 0 and BM % BN == 0
     prec = _prec(q.dtype)
-    _fwd_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
-        q, k, v, o32, lse2, plan["cu"], qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        o32.stride(0), o32.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        ALIGNED=aligned, PREC=prec, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     if KS > 0:
         tiles = _tiles(plan, BM)
-        for s in range(KS):
+        for s in reversed(range(KS)):
             _fwd_past_kernel[(tiles["UB"],)](
                 q, k, v, o32, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
                 tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale, q.stride(0),
                 q.stride(1), k.stride(0), k.stride(1), o32.stride(0), o32.stride(1), lse2.stride(0), G, D,
-                CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, PREC=prec,
+                CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, FIRST=s == KS - 1, PREC=prec,
                 num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
-    out = o32 if q.dtype == torch.float32 else o32.to(q.dtype)
+    _fwd_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
+        q, k, v, o32, out, lse2, plan["cu"], qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        o32.stride(0), o32.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        ALIGNED=B % BM == 0 and BM % BN == 0, MERGE=KS > 0, PREC=prec, num_warps=cfg["fwd_warps"],
+        num_stages=cfg["fwd_stages"])
     return out, lse2
 
 
@@ -594,37 +721,39 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
     delta = torch.empty(T, H, dtype=torch.float32, device=q.device)
     dlse = torch.zeros_like(delta) if dlse is None else dlse.contiguous().float()
     _bwd_delta_kernel[(_cdiv(T * H, 64),)](out, dout, dlse, delta, T * H, D, BLOCK_D=BLOCK_D, BR=64)
-    # dQ: own block, then one read-modify-write pass per slot
-    dq32 = torch.empty(T, H, D, dtype=torch.float32, device=q.device)
+    # dQ: one pass per slot (KS-1 first: it writes the fp32 rows), then the own block, which adds
+    # them and writes dq in q's dtype
+    dq = torch.empty_like(q)
+    dq32 = dq if (q.dtype == torch.float32 or KS == 0) else torch.empty(T, H, D, dtype=torch.float32,
+                                                                        device=q.device)
     BM, BN = cfg["dq_bm"], cfg["dq_bn"]
-    _dq_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
-        q, k, v, dout, lse2, delta, dq32, plan["cu"], qk_scale, sm_scale, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        ALIGNED=B % BM == 0 and BM % BN == 0, PREC=prec, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     if KS > 0:
         tiles = _tiles(plan, BM)
-        for s in range(KS):
+        for s in reversed(range(KS)):
             _dq_past_kernel[(tiles["UB"],)](
-                q, k, v, dout, lse2, delta, dq32, plan["tok"], plan["seg_bounds"], tiles["tile_seg"], tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
+                q, k, v, dout, lse2, delta, dq32, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+                tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
                 sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B,
-                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, PREC=prec, num_warps=cfg["dq_warps"],
-                num_stages=cfg["dq_stages"])
-    dq = dq32 if q.dtype == torch.float32 else dq32.to(q.dtype)
+                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, FIRST=s == KS - 1, PREC=prec,
+                num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+    _dq_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
+        q, k, v, dout, lse2, delta, dq32, dq, plan["cu"], qk_scale, sm_scale, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        ALIGNED=B % BM == 0 and BM % BN == 0, MERGE=KS > 0, PREC=prec, num_warps=cfg["dq_warps"],
+        num_stages=cfg["dq_stages"])
+    del dq32
     # dK, dV: one program per (block, key tile, kv head)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     BM, BN = cfg["kv_bm"], cfg["kv_bn"]
     assert BN % BM == 0, "kv_bn must be a multiple of kv_bm (the diagonal loop covers BN rows)"
     NKT = _cdiv(B, BN)
-    empty = torch.zeros(1, dtype=torch.int32, device=q.device)
+    tok, bounds = (plan["tok"], plan["seg_bounds"]) if KS > 0 else (plan["blk_len"], plan["blk_len"])
     _dkdv_kernel[(NBT * NKT, Hkv)](
-        q, k, v, dout, lse2, delta, dk, dv, plan.get("tok", empty), plan.get("seg_bounds", empty),
+        q, k, v, dout, lse2, delta, dk, dv, tok, bounds,
         plan["blk_start"], plan["blk_len"], H, NBT, NKT, KS, qk_scale, sm_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
         PREC=prec, num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
     return dq, dk, dv
-
-
-_PLAN_KEYS = ("cu", "blk_start", "blk_len", "tok", "seg_bounds")
 
 
 class _MobaTriton(torch.autograd.Function):
@@ -633,17 +762,16 @@ class _MobaTriton(torch.autograd.Function):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         plan = _plan(q, k, cu_seqlens, max_seqlen, chunk, topk, cfg)
         out, lse2 = _forward(q, k, v, plan, cfg)
-        tensors = [plan.pop(x) for x in _PLAN_KEYS if x in plan]
-        ctx.plan = plan
+        ctx.plan = plan  # device tensors of the plan (and its tile schedules) stay with ctx
         ctx.cfg = cfg
-        ctx.save_for_backward(q, k, v, out, lse2, *tensors)
+        ctx.save_for_backward(q, k, v, out, lse2)
         return out, lse2 * LN2
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse2, *tensors = ctx.saved_tensors
-        plan = dict(ctx.plan, **dict(zip(_PLAN_KEYS, tensors)))
-        dq, dk, dv = _backward(q, k, v, out, lse2, dout, dlse, plan, ctx.cfg)
+        q, k, v, out, lse2 = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse2, dout, dlse, ctx.plan, ctx.cfg)
+        ctx.plan = None
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -22,7 +22,9 @@ CHILD = textwrap.dedent(
 
     res = {}
     # lens, chunk, topk, H, Hkv, D: partial last blocks, GQA, a chunk that is not a tile multiple
-    cases = [([37, 64, 5, 44], 8, 3, 4, 2, 16), ([70, 45], 16, 4, 2, 2, 32), ([90], 24, 2, 2, 1, 24)]
+    # (case 3: more sequences than the block-table kernel takes per step; case 4: own block only)
+    cases = [([37, 64, 5, 44], 8, 3, 4, 2, 16), ([70, 45], 16, 4, 2, 2, 32), ([90], 24, 2, 2, 1, 24),
+             ([(i * 7) % 13 + 1 for i in range(37)], 4, 3, 2, 1, 16), ([33, 20], 8, 1, 2, 1, 16)]
     for i, (lens, B, topk, H, Hkv, D) in enumerate(cases):
         g = torch.Generator().manual_seed(i)
         cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
@@ -38,11 +40,18 @@ CHILD = textwrap.dedent(
             outs.append([o.detach(), lse.detach(), *gr])
         res[f"case{i}"] = [rel(a, b) for a, b in zip(*outs)]
         picks = {}
+        pos = torch.cat([torch.arange(n) for n in lens])  # position inside the sequence
+        want = torch.arange(topk - 1)[None, :] >= (topk - 1) - torch.clamp(pos // B, max=topk - 1)[:, None]
+        slots_ok = []
         for prec in ("fma", "tf32x3"):
             cfg = dict(mt.INTERP_CFG, gate_prec=prec)
-            picks[prec] = mt.moba_gate_triton(q, k, cu, max(lens), B, topk, cfg=cfg).long().sort(-1).values
+            raw = mt.moba_gate_triton(q, k, cu, max(lens), B, topk, cfg=cfg).long()
+            # the slot passes rely on it: a row with p picks holds them in its last p slots
+            slots_ok.append(bool(torch.equal(raw >= 0, want[:, None, :].expand_as(raw))))
+            picks[prec] = raw.sort(-1).values
         ref = moba_select_blocks(q, k, cu, B, topk).sort(-1).values
         res[f"picks{i}"] = [bool(torch.equal(picks[p], ref)) for p in ("fma", "tf32x3")]
+        res[f"slots{i}"] = slots_ok
     # ties: see test_moba.tie_case (blocks 0 and 17 tie, as do 1..16 and 18; the interpreter's
     # gate scans 16 blocks per chunk, so the ties also cross chunks)
     import sys
@@ -68,16 +77,23 @@ def interp():
     return json.loads(line[len("RESULT"):])
 
 
-@pytest.mark.parametrize("case", [0, 1, 2])
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 4])
 def test_kernel_matches_reference_fwd_bwd(interp, case):
     # out, lse, dq, dk, dv (the loss also weights lse, so the dlse path is exercised)
     errs = interp[f"case{case}"]
     assert len(errs) == 5 and max(errs) < 1e-5, errs
 
 
-@pytest.mark.parametrize("case", [0, 1, 2])
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 4])
 def test_gate_picks_match_torch_selection(interp, case):
     assert interp[f"picks{case}"] == [True, True]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2, 3, 4])
+def test_gate_fills_the_last_slots_first(interp, case):
+    # a row at position t has min(KS, t // chunk) picks, in its last slots (the forward and dQ
+    # slot passes run from slot KS-1 down and let that pass write the fp32 state unread)
+    assert interp[f"slots{case}"] == [True, True]
 
 
 def test_gate_ties_pick_the_lower_block_index(interp):
