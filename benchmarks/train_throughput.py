@@ -1,15 +1,21 @@
 """Dense training throughput on one GPU: HF transformers (eager, compiled) vs megamod's trainer step.
 
-    python benchmarks/train_throughput.py                       # the 1.26B model of issue 9, all three
-    python benchmarks/train_throughput.py --which c --flavour 2b --micro-batch 4
+    python benchmarks/train_throughput.py                       # the 1.26B model of issue 9: a, b, c
+    python benchmarks/train_throughput.py --which b,c,c1,d      # engine variants side by side
+    python benchmarks/train_throughput.py --which 2b --micro-batch-2b 4   # the 2b flavour, trainer (c)
     python benchmarks/train_throughput.py --tiny                # CPU smoke test of the script itself
 
-Same architecture and batch for all: hidden 2048, 22 layers, 16 heads, FFN 5632, vocab 32000,
+Same architecture and batch for a-d: hidden 2048, 22 layers, 16 heads, FFN 5632, vocab 32000,
 seq 2048, micro-batch 8, untied embeddings.
 (a) HF LlamaForCausalLM, fp32 weights + bf16 autocast, fused AdamW, SDPA attention, eager;
 (b) the same under torch.compile;
-(c) megamod: the real Trainer.train_step (DeepSpeed engine, ZeRO-1, bf16 weights with fp32 master
-    weights in the optimizer, --compile compiles each block).
+(c) megamod: the real Trainer.train_step through the DeepSpeed engine, ZeRO-0 with
+    train.bf16_mode auto = autocast (fp32 weights, bf16 autocast, fused AdamW that clips in its
+    kernel), --compile compiles each block; --zero-stage picks another stage;
+(c1) the same trainer at ZeRO-1, bf16_mode auto = master_weights (bf16 weights, fp32 master
+    weights in DeepSpeed's optimizer): the issue's original (c);
+(d) megamod's model without DeepSpeed in HF's recipe;
+(2b) the trainer as (c) on the 2b flavour (d 2560, 24 layers, 20 heads, FFN 6912) at --micro-batch-2b.
 Each: warm-up excluded, median of --steps steps, CUDA-synchronised wall time per step.
 MFU by the PaLM formula: (6N + 12·L·d·S) FLOPs per token, N = parameters other than the input
 embedding, against 989 TFLOP/s (H100/H200 dense bf16).
@@ -77,20 +83,32 @@ def bench_hf(args, device, compiled: bool) -> dict:
     return out
 
 
-def bench_megamod(args, device) -> dict:
+def shape_2b(args) -> argparse.Namespace:
+    """args with the 2b flavour's shape and --micro-batch-2b (MFU and tokens use these)."""
+    from megamod.model.flavours import FLAVOURS
+
+    f = FLAVOURS["2b"]
+    return argparse.Namespace(**{**vars(args), "flavour": "2b", "d": f["d_model"], "layers": f["n_layers"],
+                                 "heads": f["n_heads"], "ffn": f["ffn_hidden"], "vocab": f["vocab_size"],
+                                 "micro_batch": args.micro_batch_2b, "grad_accum": args.grad_accum_2b})
+
+
+def bench_megamod(args, device, zero_stage: int) -> dict:
     import torch.distributed as dist
 
     from megamod.config import load_config
     from megamod.model.gpt import count_parameters
     from megamod.parallel.dims import ParallelDims
     from megamod.train.data import micro_batches
+    from megamod.train.engine import resolve_precision
     from megamod.train.trainer import Trainer
 
     overrides = ["--model.flavour", args.flavour, "--model.d_model", str(args.d), "--model.n_layers", str(args.layers),
                  "--model.n_heads", str(args.heads), "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden",
                  str(args.ffn), "--model.vocab_size", str(args.vocab), "--model.max_seq_len", str(args.seq),
                  "--train.seq_len", str(args.seq), "--train.micro_batch_size", str(args.micro_batch),
-                 "--train.steps", str(args.warmup + args.steps + 5), "--optim.zero_stage", "1",
+                 "--train.steps", str(args.warmup + args.steps + 5), "--optim.zero_stage", str(zero_stage),
+                 "--train.grad_accum", str(getattr(args, "grad_accum", 1)),
                  "--train.compile", str(args.compile).lower(), "--train.activation_checkpointing",
                  str(args.ac).lower(), "--data.synthetic", "true", "--checkpoint.resume", "false",
                  "--logging.tensorboard", "false", "--train.run_dir", "/tmp/megamod-throughput",
@@ -105,12 +123,13 @@ def bench_megamod(args, device) -> dict:
     batches = micro_batches(trainer.train_data, cfg.train.micro_batch_size, 0, 1, 0)
     times = time_steps(lambda: trainer.train_step(batches), device, args.warmup + (2 if args.compile else 0),
                        args.steps)
-    if args.profile:
+    if args.profile and args.variant == args.profile_variant:
         _profile(lambda: trainer.train_step(batches), device, args.profile)
     n_no_emb = count_parameters(cfg.model)["non_embedding"]
-    label = "megamod (DeepSpeed ZeRO-1" + (", compiled blocks)" if args.compile else ")")
+    label = (f"megamod {args.flavour} (DeepSpeed ZeRO-{zero_stage}, {resolve_precision(cfg, device)}"
+             + (", compiled blocks)" if args.compile else ")"))
     out = _summary(label, times, args, n_no_emb, device)
-    del trainer
+    del trainer, batches
     return out
 
 
@@ -124,16 +143,17 @@ def _profile(step, device, path: str) -> None:
             step()
         _sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
-    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70)
+    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
     with open(path, "w") as f:
         f.write(table + "\n\n" + cpu)
-    print(table[-6000:])
+    print("\n".join(table.splitlines()[-2:]))  # totals; "Self CPU" includes time waiting in synchronize calls
 
 
-def bench_megamod_plain(args, device) -> dict:
+def bench_megamod_plain(args, device, compile_loss: bool = False) -> dict:
     """megamod's model without DeepSpeed, in HF's recipe (fp32 weights + bf16 autocast, fused
-    AdamW, blocks compiled): separates the model code's speed from the engine's overhead."""
+    AdamW, blocks compiled): separates the model code's speed from the engine's overhead.
+    ``compile_loss``: the cross-entropy over the (B, S, V) logits under torch.compile too."""
     from megamod.config import load_config
     from megamod.model.gpt import build_model, count_parameters
     from megamod.model.transforms import apply_compile
@@ -149,24 +169,25 @@ def bench_megamod_plain(args, device) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), device=device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    loss_fn = torch.compile(lm_loss) if compile_loss else lm_loss
 
     def step():
         with amp:
-            loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
+            loss = loss_fn(model(ids[:, :-1]), ids[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     times = time_steps(step, device, args.warmup + (2 if args.compile else 0), args.steps)
-    out = _summary("megamod model, no DeepSpeed (HF recipe)", times, args,
-                   count_parameters(cfg.model)["non_embedding"], device)
+    label = "megamod model, no DeepSpeed (HF recipe" + (", compiled loss)" if compile_loss else ")")
+    out = _summary(label, times, args, count_parameters(cfg.model)["non_embedding"], device)
     del model, opt
     return out
 
 
 def _summary(label: str, times: list[float], args, n_no_emb: int, device) -> dict:
     med = statistics.median(times)
-    tokens = args.micro_batch * args.seq
+    tokens = args.micro_batch * getattr(args, "grad_accum", 1) * args.seq
     flops = palm_flops_per_token(n_no_emb, args.layers, args.d, args.seq) * tokens
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     if device.type == "cuda":
@@ -182,7 +203,12 @@ def _summary(label: str, times: list[float], args, n_no_emb: int, device) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--which", default="a,b,c",
-                    help="a: HF eager, b: HF compiled, c: megamod trainer, d: megamod model without DeepSpeed")
+                    help="a: HF eager, b: HF compiled, c: megamod trainer (--zero-stage), c1: megamod trainer at "
+                         "ZeRO-1 (bf16 master weights), d: megamod model without DeepSpeed, dl: d with the loss "
+                         "compiled, 2b: trainer (c) on the 2b flavour at --micro-batch-2b")
+    ap.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of variant c")
+    ap.add_argument("--micro-batch-2b", type=int, default=4)
+    ap.add_argument("--grad-accum-2b", type=int, default=1, help="micro-batches per optimizer step of variant 2b")
     ap.add_argument("--flavour", default="1b")
     ap.add_argument("--d", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=22)
@@ -195,7 +221,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--ac", action="store_true", help="activation checkpointing in megamod")
-    ap.add_argument("--profile", help="megamod (c): profile 3 extra steps, tables written to this file")
+    ap.add_argument("--profile", help="profile 3 extra steps of --profile-variant, tables written to this file")
+    ap.add_argument("--profile-variant", default="c", help="which megamod trainer variant (c, c1, 2b) to profile")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test on a tiny shape")
     ap.add_argument("--json", help="write results here")
     args, args.overrides = ap.parse_known_args()
@@ -205,20 +232,31 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for w in args.which.split(","):
+        w = w.strip()
+        gc.collect()  # the previous variant's model, optimizer and engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        args.variant = w
         r = {"a": lambda: bench_hf(args, device, False), "b": lambda: bench_hf(args, device, True),
-             "c": lambda: bench_megamod(args, device), "d": lambda: bench_megamod_plain(args, device)}[w.strip()]()
+             "c": lambda: bench_megamod(args, device, args.zero_stage), "c1": lambda: bench_megamod(args, device, 1),
+             "d": lambda: bench_megamod_plain(args, device), "dl": lambda: bench_megamod_plain(args, device, True),
+             "2b": lambda: bench_megamod(shape_2b(args), device, args.zero_stage)}[w]()
+        r.update(variant=w, wall_s=time.perf_counter() - t0)
         results.append(r)
         print(json.dumps(r), flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\ndevice: {name}, torch {torch.__version__}; d {args.d}, L {args.layers}, S {args.seq}, "
-          f"B {args.micro_batch}")
-    print(f"{'':<40}{'step ms':>9}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}")
+    print(f"\ndevice: {name}, torch {torch.__version__}; 1b: d {args.d}, L {args.layers}, S {args.seq}, "
+          f"B {args.micro_batch}; 2b: B {args.micro_batch_2b} x accum {args.grad_accum_2b}")
+    print(f"{'':<4}{'':<58}{'step ms':>9}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}{'mem GiB':>9}{'wall s':>8}")
     for r in results:
-        print(f"{r['name']:<40}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
-              f"{r['mfu']:>7.1%}{r['peak_mem_gib']:>9.1f}")
-    by = {r["name"].split(" (")[0]: r for r in results}
-    if "megamod" in by and "HF + torch.compile" in by:
-        print(f"megamod / (HF + compile) = {by['megamod']['tokens_per_s'] / by['HF + torch.compile']['tokens_per_s']:.3f}")
+        print(f"{r['variant']:<4}{r['name'][:57]:<58}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
+              f"{r['mfu']:>7.1%}{r['peak_mem_gib']:>9.1f}{r['wall_s']:>8.0f}")
+    by = {r["variant"]: r for r in results}
+    for v in ("c", "c1", "d", "dl"):
+        if v in by and "b" in by:
+            print(f"({v})/(b) = {by[v]['tokens_per_s'] / by['b']['tokens_per_s']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

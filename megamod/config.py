@@ -118,6 +118,11 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save memory")
     compile: bool = _f(False, "torch.compile each block")
+    bf16_mode: Literal["auto", "master_weights", "autocast"] = _f(
+        "auto", "how bf16 training runs (train.dtype bf16): 'master_weights' keeps bf16 weights and gradients with "
+        "fp32 master weights inside DeepSpeed's ZeRO optimizer; 'autocast' keeps fp32 weights and runs matmuls in "
+        "bf16 under torch.autocast (DeepSpeed's torch_autocast mode; at optim.zero_stage 0 a fused AdamW clips "
+        "in its own kernel, the fastest single-GPU step); 'auto': autocast at optim.zero_stage 0, else master_weights")
     eval_interval: int = _f(50, "evaluate every N steps (0: only at the end)")
     eval_steps: int = _f(10, "validation micro-batches per evaluation")
     log_interval: int = _f(10, "console/TensorBoard logging interval in steps")

@@ -1,4 +1,13 @@
-"""Building the DeepSpeed engine: it owns ZeRO optimizer state, clipping, bf16 and checkpoints."""
+"""Building the DeepSpeed engine: it owns ZeRO optimizer state, clipping, bf16 and checkpoints.
+
+Two bf16 recipes (train.bf16_mode), chosen once here:
+- master_weights: bf16 weights and gradients, fp32 master weights inside DeepSpeed's ZeRO
+  optimizer (the multi-GPU recipe: bf16 gradient reduction, weights gathered in bf16);
+- autocast: fp32 weights, bf16 matmuls under torch.autocast (DeepSpeed's ``torch_autocast``).
+  At ZeRO 0 DeepSpeed then steps our optimizer directly, and ``ClippingAdamW`` folds clipping
+  and the non-finite check into the fused AdamW kernel. On one GPU this skips the ZeRO-1 bf16
+  path's per-parameter work (fp64 norms, overflow checks, bucket copies, a host sync).
+"""
 
 from __future__ import annotations
 
@@ -19,7 +28,23 @@ def resolve_dtype(cfg: Config, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: str) -> dict[str, Any]:
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    """'fp32', 'bf16' (bf16 weights, fp32 master weights in DeepSpeed) or 'autocast'."""
+    if resolve_dtype(cfg, device) == "fp32":
+        return "fp32"
+    mode = cfg.train.bf16_mode
+    if mode == "auto":
+        mode = "autocast" if cfg.optim.zero_stage == 0 else "master_weights"
+    return "autocast" if mode == "autocast" else "bf16"
+
+
+def clips_in_optimizer(cfg: Config, dims: ParallelDims) -> bool:
+    """At ZeRO 0 DeepSpeed hands our optimizer the full gradients, so it can clip them itself;
+    with TP/CP/PP the norm would also need a reduction over those groups (DeepSpeed's does it)."""
+    return cfg.optim.zero_stage == 0 and dims.tp == dims.cp == dims.pp == 1
+
+
+def deepspeed_config(cfg: Config, dims: ParallelDims, precision: str, optimizer_clips: bool = False) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.optim.zero_stage}
     if cfg.optim.zero_stage in (1, 2):
         # Overlap the gradient reduce-scatter with backward; contiguous buckets avoid fragmentation.
@@ -28,9 +53,10 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, dtype: str) -> dict[str, A
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": cfg.train.micro_batch_size * cfg.train.grad_accum * dims.dp,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if optimizer_clips else cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bf16"},
+        "bf16": {"enabled": precision == "bf16"},
+        "torch_autocast": {"enabled": precision == "autocast", "dtype": "bfloat16"},
         # Our optimizer is torch/apex AdamW, not DeepSpeed's own: allow it under ZeRO.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # we log ourselves
@@ -65,15 +91,53 @@ def lr_lambda(cfg: Config):
     return fn
 
 
+class ClippingAdamW(torch.optim.AdamW):
+    """Fused AdamW that clips by the global gradient norm inside its own kernel.
+
+    The fused kernels divide every gradient by ``grad_scale`` and skip the whole update where
+    ``found_inf`` is nonzero (the GradScaler interface), both read on the device: clipping costs
+    one foreach norm over the gradients and no extra pass or host sync, and a non-finite norm
+    skips the step instead of writing NaN into the weights. ``_global_grad_norm`` (a device
+    scalar) is where DeepSpeed's engine looks for the norm it reports.
+    """
+
+    def __init__(self, params, *, max_norm: float, **kwargs: Any) -> None:
+        super().__init__(params, fused=True, **kwargs)
+        self.max_norm = max_norm
+        self._global_grad_norm: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+            self._global_grad_norm = norm
+            self.found_inf = (~torch.isfinite(norm)).float()
+            if self.max_norm > 0:  # grads / max(1, ‖g‖/max_norm) = grads · min(1, max_norm/‖g‖)
+                self.grad_scale = ((norm + 1e-6) / self.max_norm).clamp(min=1.0)
+        return super().step(closure)
+
+
 def build_engine(cfg: Config, model: nn.Module, dims: ParallelDims, device: torch.device):
     import deepspeed
 
-    dtype = resolve_dtype(cfg, device)
+    precision = resolve_precision(cfg, device)
+    optimizer_clips = clips_in_optimizer(cfg, dims)
     o = cfg.optim
-    optimizer = build_adamw(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                            weight_decay=o.weight_decay, device=device)
+    groups = param_groups(model, o.weight_decay)
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    if optimizer_clips:
+        optimizer = ClippingAdamW(groups, max_norm=o.grad_clip, **kwargs)
+    else:
+        optimizer = build_adamw(groups, device=device, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, dims, dtype), mpu=dims,
-                                           dist_init_required=False)
+                                           config=deepspeed_config(cfg, dims, precision, optimizer_clips),
+                                           mpu=dims, dist_init_required=False)
+    if cfg.optim.zero_stage == 0 and dims.dp == 1:
+        # ZeRO 0 all-reduces every gradient after backward through flat 500M-element buckets
+        # (a copy in, a scale, a copy back: ~30 GB of traffic for 1.3B fp32 gradients) even when
+        # the data-parallel group is this rank alone. DeepSpeed turns this off itself without a
+        # distributed backend; one data-parallel rank has nothing to reduce either.
+        engine.enable_backward_allreduce = False
     return engine

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megamod.config import Config
 from megamod.model.gpt import GPT, build_model
 from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_aux_loss_scale
-from megamod.model.transforms import apply_activation_checkpointing, apply_compile
+from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
 from megamod.parallel.dims import ParallelDims
 from megamod.parallel.parallelize import LossFn, build_loss_fn, parallelize_model
 from megamod.train import checkpoint as ckpt
@@ -68,14 +68,16 @@ class Trainer:
         set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum)  # MoD aux gradients: scaled like the LM loss
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
+        loss_fn = build_loss_fn(cfg, dims)
         if cfg.train.compile:
             apply_compile(model)
+            loss_fn = compile_loss(loss_fn, dims.tp)
         engine = build_engine(cfg, model, dims, device)
         train_data, valid_data = build_train_valid(cfg, dims.dp)
         metrics = MetricsLogger(cfg.train.run_dir, enabled=dims.rank == 0, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.train.progress, total_steps=cfg.train.steps)
         stop = stop or StopController(cfg.train.exit_after_minutes or None).install()
-        trainer = cls(cfg, dims, device, model, build_loss_fn(cfg, dims), engine, train_data, valid_data,
+        trainer = cls(cfg, dims, device, model, loss_fn, engine, train_data, valid_data,
                       ckpt.TrainState(), metrics, stop)
         if cfg.checkpoint.resume:
             trainer.resume()
