@@ -41,11 +41,6 @@ def parallelize_model(model: GPT, cfg: Config, dims: ParallelDims) -> None:
         raise NotImplementedError(
             f"context parallelism is not implemented yet; got cp={dims.cp} (set --parallel.cp 1; tensor, "
             f"pipeline and data parallelism are supported)")
-    if cfg.parallel.sequence_parallel and dims.tp > 1 and cfg.mod.enabled:
-        # A routed block picks its top-k over the whole sequence; under SP each rank holds S/tp
-        # tokens, so routing needs the gathered logits (DESIGN.md, MoD), which is not wired yet.
-        raise NotImplementedError("Mixture-of-Depths with --parallel.sequence_parallel is not implemented yet; "
-                                  "set --parallel.sequence_parallel false (tensor parallelism works with MoD)")
     # 1. Tensor parallelism (+ sequence parallelism): swap linears/embedding for sharded ones.
     apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
     # 2. Pipeline split: keep this stage's blocks (same names), embedding first, output last.

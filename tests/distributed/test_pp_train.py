@@ -4,7 +4,8 @@ Gloo runs of the real ``Trainer`` on a 4-block model with tied input/output embe
 shared matrix lives on the first and the last stage), fp32, global batch 8 per step:
 
 - 4 ranks: pp=4 (ZeRO-2), pp=2 × dp=2 (ZeRO-1), tp=2 × pp=2 (ZeRO-2, sequence parallel), and a
-  MoD model (routed blocks 1 and 3, router BCE + predictor losses on) at pp=2 × dp=2;
+  MoD model (routed blocks 1 and 3, router BCE + predictor losses on) at pp=2 × dp=2 and at
+  tp=2 × pp=2 with sequence parallelism (routing over the gathered logits, routed_sp.py);
   each 10 steps. Then each grid again for one step at ZeRO-0, whose engines keep every
   gradient whole in ``.grad`` at the accumulation boundary, to compare gradients.
 - 8 ranks: tp=2 × pp=2 × dp=2 (ZeRO-1), 10 steps, and its ZeRO-0 gradients.
@@ -40,7 +41,7 @@ MOD = ["--mod.enabled", "true", "--mod.every", "2", "--mod.capacity", "0.25", "-
        "--mod.predictor", "true"]
 # label -> (tp, pp, zero stage, extra flags); dp = world / (tp·pp)
 FOUR = {"pp4": (1, 4, 2, []), "pp2_dp2": (1, 2, 1, []), "tp2_pp2_sp": (2, 2, 2, ["--parallel.sequence_parallel", "true"]),
-        "mod_pp2_dp2": (1, 2, 1, MOD)}
+        "mod_pp2_dp2": (1, 2, 1, MOD), "mod_tp2_pp2_sp": (2, 2, 2, [*MOD, "--parallel.sequence_parallel", "true"])}
 EIGHT = {"tp2_pp2_dp2": (2, 2, 1, [])}
 
 
