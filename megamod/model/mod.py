@@ -245,15 +245,12 @@ class RoutedBlock(Block):
         return out
 
     # ---- statistics (device tensors until log time) ------------------------------------------------
-    @torch.compiler.disable
     def _record(self, scores: torch.Tensor, processed: torch.Tensor, target: torch.Tensor,
                 router_bce: torch.Tensor | None, predictor_bce: torch.Tensor | None) -> None:
         """Accumulate one forward's statistics under "train" (training forwards), "eval" (top-k
         evaluation) or "causal". ``processed``: the tokens that went through; ``target``: top-k
-        membership. Skipped during activation-checkpoint recomputation, which runs inside backward
-        and would count a forward twice."""
-        if torch._C._current_graph_task_id() != -1:
-            return
+        membership. The vector is computed in the block's graph (torch.compile fuses it into a
+        few reductions); only the accumulation runs eagerly."""
         kind = "causal" if self.routing_mode == "causal" else "train" if self.training else "eval"
         with torch.no_grad():
             zero = scores.new_zeros(())
@@ -268,6 +265,14 @@ class RoutedBlock(Block):
                 (causal == target).sum() if self.predictor is not None else zero,
                 (causal != target).sum(),
             ])
+        self._accumulate(kind, vec)
+
+    @torch.compiler.disable
+    def _accumulate(self, kind: str, vec: torch.Tensor) -> None:
+        """Skipped during activation-checkpoint recomputation, which runs inside backward and
+        would count a forward twice."""
+        if torch._C._current_graph_task_id() != -1:
+            return
         prev = self._stats.get(kind)
         self._stats[kind] = vec if prev is None else prev + vec
 
