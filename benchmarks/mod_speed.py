@@ -52,6 +52,7 @@ def _args(argv=None):
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (both variants)")
     ap.add_argument("--check", action="store_true", help="exit 1 unless speedup >= 1.7 and overhead < 5%%")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", help="profile 3 extra steps of each variant: tables to PROFILE.{dense,mod}.txt")
     ap.add_argument("--variant", choices=["dense", "mod"], help=argparse.SUPPRESS)  # child process
     a = ap.parse_args(argv)
     d = dict(flavour="debug", seq_len=256, micro_batch_size=2, grad_accum=1, steps=3, warmup=1) if a.tiny else \
@@ -98,9 +99,10 @@ def _timer(device):
     return timed
 
 
-def _routing_parts(cfg, device, dtype, iters: int) -> dict[str, float]:
+def _routing_parts(cfg, device, dtype, iters: int, compile: bool) -> dict[str, float]:
     """Seconds per routed block (forward + backward) of the routing machinery and its pieces, on a
-    freshly built block of the same shape (the engine's parameters are left alone)."""
+    freshly built block of the same shape (the engine's parameters are left alone); compiled as
+    the step's blocks are when ``compile``."""
     import torch
 
     from megamod.model.gpt import build_block
@@ -117,6 +119,9 @@ def _routing_parts(cfg, device, dtype, iters: int) -> dict[str, float]:
         for p in [*routed.parameters(), *dense.parameters()]:
             p.normal_(0, 0.02) if p.ndim == 2 else p.fill_(1.0)
     routed.train()
+    if compile:  # as apply_compile does to the step's blocks
+        routed.compile(fullgraph=False)
+        dense.compile(fullgraph=False)
     x = torch.randn(b, s, d, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(b, s, d, device=device, dtype=dtype)
     cos, sin = rope_tables(torch.arange(s, device=device), m.head_dim, m.rope_theta)
@@ -199,7 +204,11 @@ def child(a) -> dict:
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if a.variant == "mod":
         dtype = torch.float32 if a.tiny else torch.bfloat16
-        res["per_routed_block_s"] = _routing_parts(cfg, device, dtype, iters=max(3, a.steps))
+        res["per_routed_block_s"] = _routing_parts(cfg, device, dtype, iters=max(3, a.steps), compile=a.compile)
+    if a.profile and device.type == "cuda":
+        from train_throughput import _profile  # benchmarks/ is this script's directory
+
+        _profile(lambda: trainer.train_step(batches), device, f"{a.profile}.{a.variant}.txt")
     dist.destroy_process_group()
     return res
 

@@ -60,6 +60,7 @@ class ParallelConfig:
     tp: int = _f(1, "tensor-parallel degree (ranks that split each layer's matrices)")
     cp: int = _f(1, "context-parallel degree (ranks that split each sequence)")
     pp: int = _f(1, "pipeline-parallel degree (stages of layers)")
+    pp_layers: list[int] = _f([], "blocks per pipeline stage, e.g. [6, 6, 5, 5]; empty: split by estimated FLOPs")
     dp: int = _f(-1, "data-parallel degree; -1 takes world_size / (tp·cp·pp)")
     sequence_parallel: bool = _f(False, "shard norms/residuals along the sequence inside TP groups")
 
@@ -345,6 +346,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"tokenizer's ids are never used) or choose another tp")
     if m.n_layers < p.pp:
         raise ConfigError(f"--model.n_layers {m.n_layers} is fewer than --parallel.pp {p.pp} stages")
+    if p.pp_layers and (len(p.pp_layers) != p.pp or min(p.pp_layers) < 1 or sum(p.pp_layers) != m.n_layers):
+        raise ConfigError(f"--parallel.pp_layers {p.pp_layers} must give {p.pp} stage sizes (one per --parallel.pp "
+                          f"stage), each >= 1, summing to --model.n_layers {m.n_layers}; or leave it empty to "
+                          f"split by estimated FLOPs")
+    if p.pp > 1 and cfg.optim.zero_stage == 3:
+        raise ConfigError("--optim.zero_stage 3 with --parallel.pp > 1 is not supported (ZeRO-3 would all-gather a "
+                          "stage's weights for every micro-batch, and it is untested here); use --optim.zero_stage 2 "
+                          "(or 1), which works with pipeline parallelism")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"--train.seq_len {t.seq_len} exceeds --model.max_seq_len {m.max_seq_len}")
     if p.cp > 1 and t.seq_len % (2 * p.cp):

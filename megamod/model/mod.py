@@ -24,7 +24,7 @@ tensor and pipeline stages need no extra plumbing.
 Parallelism, applied from outside. Plain TP needs nothing here: x is replicated over the TP group,
 so every rank computes the same logits and selects the same tokens (router and predictor are
 replicated), and the TP plan's per-block entries shard attention/MLP as in a dense block. Sequence
-parallelism needs the TP pass to replace three seams of routed blocks:
+parallelism replaces three seams of routed blocks (megamod/parallel/routed_sp.py):
 - ``scores(x)``: (B, S, d) -> (B, S, n) fp32 per-token logits (router, predictor). Under SP x is
   (B, S/tp, d): all-gather this output along S (n floats a token, never the d activations), so
   every TP rank selects identical tokens; that gather's backward keeps the local slice (the aux
@@ -164,8 +164,12 @@ class RoutedBlock(Block):
     def take(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return _rows(x, idx)  # (B, k, d)
 
-    def put(self, x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        # x + delta on the selected rows; the others are copied, bit for bit.
+    def put(self, x: torch.Tensor, idx: torch.Tensor, delta: torch.Tensor,
+            valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x + delta on the selected rows; the others are copied, bit for bit. ``valid`` (B, k):
+        rows of ``idx`` that are padding (causal routing) add nothing."""
+        if valid is not None:
+            delta = delta.masked_fill(~valid.unsqueeze(-1), 0.0)
         return x.scatter_add(1, idx.unsqueeze(-1).expand_as(delta), delta)
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -176,7 +180,8 @@ class RoutedBlock(Block):
         if kv is not None:
             raise RuntimeError("KV-cache decoding needs causal routing: set_routing(model, 'causal')")
         scores = self.scores(x)  # (B, S, n)
-        idx = topk_positions(scores[..., 0], capacity_tokens(self.capacity, x.shape[1]))  # (B, k)
+        # k from the scores' length: the whole sequence even where x holds a shard of it (SP).
+        idx = topk_positions(scores[..., 0], capacity_tokens(self.capacity, scores.shape[1]))  # (B, k)
         # Causal attention over the compacted tokens, in original order, is causal by original
         # position; RoPE rotates them by their original positions.
         f = self.residual(self.take(x, idx), _rows(cos, idx), _rows(sin, idx))  # (B, k, d)
@@ -231,9 +236,7 @@ class RoutedBlock(Block):
             valid = torch.arange(n, device=x.device) < count[:, None]  # (B, n)
             step_kv = kv.select(idx, valid) if kv is not None else None
             f = self.residual(self.take(x, idx), _rows(cos, idx), _rows(sin, idx), step_kv)
-            delta = self._gated(scores, idx, f)
-            rows = torch.arange(b, device=x.device)[:, None].expand(b, n)
-            out = x.index_put((rows[valid], idx[valid]), delta[valid], accumulate=True)
+            out = self.put(x, idx, self._gated(scores, idx, f), valid)
         else:
             out = x  # nothing routed in: the block is skipped (and its cache is untouched)
         target = torch.zeros(b, s, device=x.device).scatter_(1, topk_positions(scores[..., 0],
@@ -242,15 +245,12 @@ class RoutedBlock(Block):
         return out
 
     # ---- statistics (device tensors until log time) ------------------------------------------------
-    @torch.compiler.disable
     def _record(self, scores: torch.Tensor, processed: torch.Tensor, target: torch.Tensor,
                 router_bce: torch.Tensor | None, predictor_bce: torch.Tensor | None) -> None:
         """Accumulate one forward's statistics under "train" (training forwards), "eval" (top-k
         evaluation) or "causal". ``processed``: the tokens that went through; ``target``: top-k
-        membership. Skipped during activation-checkpoint recomputation, which runs inside backward
-        and would count a forward twice."""
-        if torch._C._current_graph_task_id() != -1:
-            return
+        membership. The vector is computed in the block's graph (torch.compile fuses it into a
+        few reductions); only the accumulation runs eagerly."""
         kind = "causal" if self.routing_mode == "causal" else "train" if self.training else "eval"
         with torch.no_grad():
             zero = scores.new_zeros(())
@@ -265,6 +265,14 @@ class RoutedBlock(Block):
                 (causal == target).sum() if self.predictor is not None else zero,
                 (causal != target).sum(),
             ])
+        self._accumulate(kind, vec)
+
+    @torch.compiler.disable
+    def _accumulate(self, kind: str, vec: torch.Tensor) -> None:
+        """Skipped during activation-checkpoint recomputation, which runs inside backward and
+        would count a forward twice."""
+        if torch._C._current_graph_task_id() != -1:
+            return
         prev = self._stats.get(kind)
         self._stats[kind] = vec if prev is None else prev + vec
 

@@ -15,7 +15,10 @@ What DeepSpeed 0.19 does with each (engine.py, zero/stage_1_and_2.py, runtime/ut
     sequence-parallel       = CP
     sequence-data-parallel  = DP × CP: ZeRO partitions optimizer state and averages gradients
                               over it (this, not the DP group, is ZeRO's ``dp_process_group``)
-    pipe-parallel           = PP
+    pipe-parallel           = 1 (size; the group is PP's): megamod runs one DeepSpeed engine per
+                              pipeline stage (parallel/pipeline.py), so to DeepSpeed each stage is
+                              a whole model. It reads the size only to label checkpoints, and a
+                              stage's files must read as pp=1 for ds_to_universal to convert them
 
 The grid arithmetic (``coords``, ``group_ranks``) is pure, so it is unit-tested for large worlds
 without processes; ``build_groups`` is the only part that touches torch.distributed.
@@ -168,4 +171,4 @@ class ParallelDims:
         return self.coords()["pp"]
 
     def get_pipe_parallel_world_size(self) -> int:
-        return self.pp
+        return 1  # one engine per stage: see the module docstring (use ``self.pp`` for the degree)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megamod.config import Config
 from megamod.model.gpt import GPT
 from megamod.parallel.dims import ParallelDims
+from megamod.parallel.pipeline import apply_pp
 from megamod.parallel.tensor import apply_tp, universal_checkpoint_info
 from megamod.parallel.tp_layers import vocab_parallel_cross_entropy
 
@@ -36,20 +37,19 @@ def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, group) -
 
 def parallelize_model(model: GPT, cfg: Config, dims: ParallelDims) -> None:
     """In-place, on the meta device. Degree-1 dimensions are no-ops."""
-    if dims.cp > 1 or dims.pp > 1:
+    if dims.cp > 1:
         raise NotImplementedError(
-            f"context and pipeline parallelism are not implemented yet; got cp={dims.cp} pp={dims.pp} "
-            f"(set --parallel.cp 1 --parallel.pp 1; tensor and data parallelism are supported)")
-    if cfg.parallel.sequence_parallel and dims.tp > 1 and cfg.mod.enabled:
-        # A routed block picks its top-k over the whole sequence; under SP each rank holds S/tp
-        # tokens, so routing needs the gathered logits (DESIGN.md, MoD), which is not wired yet.
-        raise NotImplementedError("Mixture-of-Depths with --parallel.sequence_parallel is not implemented yet; "
-                                  "set --parallel.sequence_parallel false (tensor parallelism works with MoD)")
-    # How each parameter is split, saved with every checkpoint (at tp=1 too), so DeepSpeed's
-    # ds_to_universal can merge TP slices and a run can resume at another TP degree.
-    model.universal_checkpoint_info = universal_checkpoint_info(model)
+            f"context parallelism is not implemented yet; got cp={dims.cp} (set --parallel.cp 1; tensor, "
+            f"pipeline and data parallelism are supported)")
     # 1. Tensor parallelism (+ sequence parallelism): swap linears/embedding for sharded ones.
     apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
+    # 2. Pipeline split: keep this stage's blocks (same names), embedding first, output last.
+    apply_pp(model, cfg, dims)
+    # How each parameter this rank holds is split, saved with every checkpoint (at tp=1 too), so
+    # DeepSpeed's ds_to_universal can merge TP slices and a run can resume at another TP degree.
+    # (Names only: the same before and after the swap; after the split, so a stage's patterns
+    # name only its own parameters, which ds_to_universal's strict mode requires.)
+    model.universal_checkpoint_info = universal_checkpoint_info(model)
 
 
 def build_loss_fn(cfg: Config, dims: ParallelDims) -> LossFn:

@@ -1,4 +1,4 @@
-"""Resume a checkpoint on another grid (TP degree, DP size) via DeepSpeed's universal checkpoint.
+"""Resume a checkpoint on another grid (TP or PP degree, DP size) via DeepSpeed's universal checkpoint.
 
     python -m megamod.parallel.reshard runs/x/checkpoints [--tag step_00000100]   (offline, optional)
 
@@ -50,6 +50,8 @@ def convert_to_universal(ckpt_dir: str, tag: str) -> str:
     if os.path.isdir(out):
         return out
     src = os.path.join(ckpt_dir, tag)
+    if os.path.isdir(os.path.join(src, _stage_dir(0))):
+        return _merge_stages(ckpt_dir, tag)
     tmp = out + ".tmp"
     # DeepSpeedCheckpoint lists the tag's files recursively: a stale partial conversion inside
     # it would be read as more ranks' files.
@@ -68,6 +70,48 @@ def convert_to_universal(ckpt_dir: str, tag: str) -> str:
         raise
     os.replace(tmp, out)
     with open(os.path.join(src, "latest_universal"), "w") as f:  # ds_to_universal pointed it at the tmp name
+        f.write(UNIVERSAL)
+    return out
+
+
+def _stage_dir(stage: int) -> str:
+    from megamod.train.checkpoint import stage_dir
+
+    return stage_dir(stage)
+
+
+def _merge_stages(ckpt_dir: str, tag: str) -> str:
+    """A pipeline checkpoint (one DeepSpeed engine per stage, files in ``{tag}/pp_stage_XX``):
+    convert every stage on its own — to DeepSpeed each is a whole model — and join them into one
+    universal checkpoint. Parameter names are those of the single-device model at every PP
+    degree and each parameter lives on one stage, so the ``zero/{name}`` folders simply add up;
+    the global parts (optimizer hyper-parameters, LR schedule, step counters) are equal on every
+    stage and are taken from stage 0. A name on several stages would be a bug: refused.
+    The last stage's copy of a tied embedding has no optimizer state; its folder (filled from
+    the module file) is left out, so the matrix comes from stage 0's ``tok_embeddings.weight``."""
+    src, out = os.path.join(ckpt_dir, tag), universal_dir(ckpt_dir, tag)
+    stages = sorted(d for d in os.listdir(src) if d.startswith("pp_stage_"))
+    parts = [convert_to_universal(src, d) for d in stages]
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "zero"))
+    owner: dict[str, str] = {}
+    for stage, part in zip(stages, parts):
+        zero = os.path.join(part, "zero")
+        for name in sorted(os.listdir(zero)):
+            if not os.path.isdir(os.path.join(zero, name)) or not os.path.isfile(os.path.join(zero, name, "exp_avg.pt")):
+                continue  # optimizer_state.pt, or a parameter no optimizer owns (the tied copy)
+            if name in owner:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"{src}: parameter {name} is in both {owner[name]} and {stage}")
+            owner[name] = stage
+            shutil.copytree(os.path.join(zero, name), os.path.join(tmp, "zero", name))
+    shutil.copy2(os.path.join(parts[0], "zero", "optimizer_state.pt"), os.path.join(tmp, "zero"))
+    for f in os.listdir(parts[0]):
+        if f.endswith("model_states.pt"):
+            shutil.copy2(os.path.join(parts[0], f), tmp)
+    os.replace(tmp, out)
+    with open(os.path.join(src, "latest_universal"), "w") as f:
         f.write(UNIVERSAL)
     return out
 

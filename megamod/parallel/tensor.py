@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from megamod.parallel.dims import ParallelDims
+from megamod.parallel.routed_sp import apply_routed_sp
 from megamod.parallel.tp_layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                         all_reduce_clone, copy_to_tp, gather_seq)
 
@@ -107,6 +108,9 @@ def apply_tp(model: nn.Module, dims: ParallelDims, sequence_parallel: bool = Fal
     if dims.tp == 1:
         return
     group, rank, world = dims.group("tp"), dims.coords()["tp"], dims.tp
+    # MoD routed blocks under SP: their compacted k tokens are replicated, so inside them the
+    # regions are plain TP (routed_sp.py).
+    routed = apply_routed_sp(model, group, rank) if sequence_parallel else set()
     hits = {pattern: 0 for pattern in plan}
     for name, module in list(model.named_modules()):
         found = _style_for(name, plan)
@@ -114,17 +118,18 @@ def apply_tp(model: nn.Module, dims: ParallelDims, sequence_parallel: bool = Fal
             continue
         pattern, style = found
         hits[pattern] += 1
+        sp = sequence_parallel and not any(name.startswith(r + ".") for r in routed)
         if isinstance(style, EnterRegion):
-            module.register_forward_pre_hook(_enter_hook(group, sequence_parallel))
+            module.register_forward_pre_hook(_enter_hook(group, sp))
             continue
         if isinstance(style, Colwise):
             _check_divisible(name, module.out_features, world, "output features")
             new: nn.Module = ColumnParallelLinear(module, group, rank, world)
             if style.enter:
-                new.register_forward_pre_hook(_enter_hook(group, sequence_parallel))
+                new.register_forward_pre_hook(_enter_hook(group, sp))
         elif isinstance(style, Rowwise):
             _check_divisible(name, module.in_features, world, "input features")
-            new = RowParallelLinear(module, group, rank, world, sequence_parallel)
+            new = RowParallelLinear(module, group, rank, world, sp)
         else:
             _check_divisible(name, module.num_embeddings, world, "vocabulary entries")
             new = VocabParallelEmbedding(module, group, rank, world, sequence_parallel)
@@ -164,9 +169,13 @@ def _sum_replicated_grads_over_tp(module: nn.Module, args: tuple, group) -> None
     on every TP rank; DeepSpeed then counts them once in the grad norm, on TP rank 0.) A tensor hook runs before the gradient is accumulated, so
     DeepSpeed's own hooks (ZeRO-1/2 reduce and partition inside backward) see the full sum.
     Registered lazily at forward because ``to_empty`` replaces the parameters (dropping hooks)
-    after ``apply_tp`` ran; the flag makes it once per parameter object."""
+    after ``apply_tp`` ran; the flag makes it once per parameter object. The norms inside MoD
+    routed blocks act on replicated tokens (routed_sp.py): whole gradients, left alone."""
+    whole = {id(p) for m in module.modules() if hasattr(m, "replicated_compute_params")
+             for p in m.replicated_compute_params()}
     for p in module.parameters():
-        if p.requires_grad and not getattr(p, "tensor_model_parallel", False) and not getattr(p, "sequence_parallel", False):
+        if (p.requires_grad and id(p) not in whole and not getattr(p, "tensor_model_parallel", False)
+                and not getattr(p, "sequence_parallel", False)):
             p.register_hook(partial(all_reduce_clone, group=group))
             p.sequence_parallel = True  # Megatron's name for "gradient summed over TP"
 

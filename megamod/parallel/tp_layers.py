@@ -11,6 +11,7 @@ The four collectives, as autograd functions (forward / backward):
     reduce_from_tp      all-reduce         / identity            leave a TP region, output replicated
     gather_seq          all-gather S       / reduce-scatter S    enter a TP region from an SP region
     reduce_scatter_seq  reduce-scatter S   / all-gather S        leave a TP region into an SP region
+    gather_seq_replicated  all-gather S    / own S/tp slice      SP values used replicated (MoD logits)
 
 (Under SP the replicated norm gains see S/tp tokens each, so their gradients are summed over TP
 by a hook: see ``tensor._sum_replicated_grads_over_tp``.)
@@ -101,6 +102,15 @@ class _GatherSeq(torch.autograd.Function):
         return _reduce_scatter_seq(g, ctx.group), None
 
 
+class _GatherSeqReplicated(_GatherSeq):
+    @staticmethod
+    def backward(ctx, g):
+        # Every rank used the gathered tensor identically (replicated computation), so every rank
+        # holds the same, whole gradient: keep this rank's S/tp, no reduction.
+        world, rank = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return g.chunk(world, dim=1)[rank].contiguous(), None
+
+
 class _ReduceScatterSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -122,6 +132,12 @@ def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
 
 def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherSeq.apply(x, group)
+
+
+def gather_seq_replicated(x: torch.Tensor, group) -> torch.Tensor:
+    """all-gather S / keep own S/tp of the gradient: for small per-token values (MoD router
+    logits) that every TP rank then uses in the same replicated computation."""
+    return _GatherSeqReplicated.apply(x, group)
 
 
 def reduce_scatter_seq(x: torch.Tensor, group) -> torch.Tensor:

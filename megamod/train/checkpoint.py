@@ -12,6 +12,12 @@ Layout of ``{run_dir}/checkpoints``::
     latest                              DeepSpeed's pointer, rewritten only after the marker,
                                         so zero_to_fp32.py and load_checkpoint see complete tags.
 
+Under pipeline parallelism each stage has its own DeepSpeed engine (parallel/pipeline.py), whose
+files go one level down, ``step_00000100/pp_stage_00/mp_rank_00_model_states.pt`` and so on;
+our RNG files and the marker stay at the tag's top. Parameter names are the same at every PP
+degree, so a checkpoint resumes on another grid through DeepSpeed's universal checkpoint, which
+reshard.py assembles from the stages.
+
 A run killed mid-save leaves a tag without the marker; ``find_latest_complete`` skips it and the
 next save of the same step overwrites it. Saves go through the DeepSpeed engine on every rank
 (a collective); the marker is written after a barrier.
@@ -37,6 +43,15 @@ _TAG_RE = re.compile(r"^step_(\d{8})$")
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def stage_dir(stage: int) -> str:
+    return f"pp_stage_{stage:02d}"
+
+
+def _engine_location(ckpt_dir: str, tag: str, stage: int | None) -> tuple[str, str]:
+    """(save_dir, tag) for DeepSpeed: the step's directory itself, or a stage's inside it."""
+    return (ckpt_dir, tag) if stage is None else (os.path.join(ckpt_dir, tag), stage_dir(stage))
 
 
 @dataclass
@@ -91,15 +106,18 @@ def find_latest_complete(ckpt_dir: str) -> str | None:
     return None
 
 
-def save(engine, ckpt_dir: str, state: TrainState, config: dict[str, Any], keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+def save(engine, ckpt_dir: str, state: TrainState, config: dict[str, Any], keep_last: int,
+         stage: int | None = None) -> str:
+    """Collective: every rank calls it. ``stage``: this rank's pipeline stage when pp > 1.
+    Returns the tag."""
     tag = tag_for(state.step)
     rank = dist.get_rank()
     path = os.path.join(ckpt_dir, tag)
     if rank == 0 and os.path.exists(os.path.join(path, MARKER)):
         os.remove(os.path.join(path, MARKER))  # re-saving a step: invalid until rewritten
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, save_latest=False)
+    save_dir, ds_tag = _engine_location(ckpt_dir, tag, stage)
+    engine.save_checkpoint(save_dir, tag=ds_tag, save_latest=False)
     torch.save(_rng_state(), os.path.join(path, f"megamod_rank{rank:05d}.pt"))
     dist.barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
@@ -130,12 +148,12 @@ def _grid(meta: dict[str, Any]) -> dict[str, int]:
     return {"world_size": meta["world_size"], "tp": p["tp"], "cp": p["cp"], "pp": p["pp"]}
 
 
-def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None) -> TrainState:
+def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None, stage: int | None = None) -> TrainState:
     """Collective. Restores DeepSpeed state and ours; returns the train state to continue from.
 
     ``grid``: this run's degrees (``ParallelDims.sizes()``). A checkpoint written on another grid
-    (TP degree or world size) is resumed through DeepSpeed's universal checkpoint (converted
-    once, by rank 0; see megamod/parallel/reshard.py)."""
+    (TP or PP degree, or world size) is resumed through DeepSpeed's universal checkpoint
+    (converted once, by rank 0; see megamod/parallel/reshard.py)."""
     path = os.path.join(ckpt_dir, tag)
     with open(os.path.join(path, MARKER)) as f:
         meta = json.load(f)
@@ -143,7 +161,7 @@ def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None) ->
     now = {**saved, **{k: v for k, v in (grid or {}).items() if k in saved}, "world_size": dist.get_world_size()}
     rank = dist.get_rank()
     if saved == now:
-        load_path, _ = engine.load_checkpoint(ckpt_dir, tag=tag)
+        load_path, _ = engine.load_checkpoint(*_engine_location(ckpt_dir, tag, stage))
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         rng_rank = rank
@@ -191,18 +209,28 @@ def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, 
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (a step_* dir with {MARKER})")
     config = read_meta(ckpt_dir, tag)["config"]
-    if config["parallel"]["tp"] > 1:
-        # TP slices are merged by the universal conversion (megamod/parallel/reshard.py, cached
-        # in the tag); it needs ZeRO ≥ 1, which resharding requires anyway.
+    tp, pp, zero = config["parallel"]["tp"], config["parallel"]["pp"], config["optim"]["zero_stage"]
+    if zero == 0:
+        if tp > 1:
+            raise RuntimeError(f"{ckpt_dir}/{tag}: merging TP slices needs a ZeRO >= 1 checkpoint (DeepSpeed's "
+                               f"universal conversion); this one has --optim.zero_stage 0")
+        # Without ZeRO each stage's module file holds its full weights (names as on one device).
+        dirs = [os.path.join(ckpt_dir, tag)] if pp == 1 else [os.path.join(ckpt_dir, tag, stage_dir(s))
+                                                              for s in range(pp)]
+        out: dict[str, torch.Tensor] = {}
+        for d in dirs:
+            module = torch.load(os.path.join(d, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
+            out.update({k: v.float() for k, v in module.items()})
+        return out
+    if tp > 1 or pp > 1:
+        # TP slices and pipeline stages are merged by the universal conversion
+        # (megamod/parallel/reshard.py, cached in the tag).
         from megamod.parallel.reshard import full_state_dict
 
         sd = full_state_dict(ckpt_dir, tag)
         if config["model"]["tie_embeddings"]:
             sd["output.weight"] = sd["tok_embeddings.weight"]
         return sd
-    if config["optim"]["zero_stage"] == 0:
-        module = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-        return {k: v.float() for k, v in module.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))

@@ -4,8 +4,9 @@ Pure arithmetic: the config is validated for ``N`` ranks, the rank grid comes fr
 ``ParallelDims`` (no process group), the model is built on the meta device only to count its
 parameters by layer. Nothing here touches torch.distributed.
 
-Pipeline split. Contiguous stages chosen to minimise the largest stage's forward FLOPs
-(``megamod.train.flops.layer_forward_flops`` per block, so Mixture-of-Depths blocks are cheap).
+Pipeline split: the trainer's own (``megamod.parallel.pipeline.stage_layers``): contiguous stages
+chosen to minimise the largest stage's forward FLOPs (``megamod.train.flops.layer_forward_flops``
+per block, so Mixture-of-Depths blocks are cheap), or ``--parallel.pp_layers`` when given.
 The input embedding sits on stage 0 and costs 0 FLOPs (a lookup, flops.py's convention); the
 final norm (elementwise, 0) and the output projection (2·S·d·V) sit on the last stage.
 
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 
 from megamod.config import Config, resolve_dp
 from megamod.model.mod import capacity_tokens, routed_layers
-from megamod.train.flops import layer_forward_flops
+from megamod.parallel.pipeline import output_flops, stage_flops, stage_layers, stage_split  # noqa: F401 (re-exported)
 
 GIB = 2 ** 30
 
@@ -61,57 +62,6 @@ def training_dtype(cfg: Config) -> str:
     if cfg.train.dtype != "auto":
         return cfg.train.dtype
     return "fp32" if cfg.train.device == "cpu" else "bf16"
-
-
-# ---------------------------------------------------------------------------------------------
-# Pipeline split
-# ---------------------------------------------------------------------------------------------
-
-def output_flops(cfg: Config) -> int:
-    """Forward FLOPs of the output projection per sequence (the final norm is elementwise: 0)."""
-    return 2 * cfg.train.seq_len * cfg.model.d_model * cfg.model.vocab_size
-
-
-def stage_flops(cfg: Config, stages: list[list[int]]) -> list[int]:
-    """Forward FLOPs per sequence of each stage, the output projection on the last."""
-    s = cfg.train.seq_len
-    out = [sum(layer_forward_flops(cfg, i, s) for i in layers) for layers in stages]
-    out[-1] += output_flops(cfg)
-    return out
-
-
-def stage_split(cfg: Config) -> list[list[int]]:
-    """Contiguous, non-empty stages of block ids minimising the largest stage's FLOPs.
-
-    Dynamic programme over (stages used, blocks covered): O(pp·L²), exact. Ties keep the
-    earliest cut, so the split is deterministic."""
-    n, pp = cfg.model.n_layers, cfg.parallel.pp
-    costs = [layer_forward_flops(cfg, i, cfg.train.seq_len) for i in range(n)]
-    prefix = [0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    tail = output_flops(cfg)
-
-    def cost(i: int, j: int) -> int:  # blocks [i, j) as one stage; the last stage carries the output
-        return prefix[j] - prefix[i] + (tail if j == n else 0)
-
-    inf = float("inf")
-    # best[k][j]: the smallest max-stage cost of blocks [0, j) in k stages; cut[k][j]: its last cut.
-    best = [[inf] * (n + 1) for _ in range(pp + 1)]
-    cut = [[0] * (n + 1) for _ in range(pp + 1)]
-    best[0][0] = 0
-    for k in range(1, pp + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                v = max(best[k - 1][i], cost(i, j))
-                if v < best[k][j]:
-                    best[k][j], cut[k][j] = v, i
-    stages, j = [], n
-    for k in range(pp, 0, -1):
-        i = cut[k][j]
-        stages.append(list(range(i, j)))
-        j = i
-    return stages[::-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +140,7 @@ def plan_stages(cfg: Config, world_size: int) -> list[StagePlan]:
     zero_group = resolve_dp(cfg, world_size) * p.cp
     per_param = dict(zip(("parameters", "gradients", "optimizer"), BYTES_PER_PARAM[training_dtype(cfg)]))
     partitioned = ZERO_PARTITIONED[cfg.optim.zero_stage]
-    stages = stage_split(cfg)
+    stages = stage_layers(cfg)
     plans = []
     for s, (layers, flops, params) in enumerate(zip(stages, stage_flops(cfg, stages),
                                                     stage_parameters(cfg, stages))):
@@ -250,8 +200,9 @@ def format_report(cfg: Config, world_size: int) -> str:
 
     total = sum(pl.flops for pl in plans)
     mean = total / len(plans)
-    lines += ["", f"pipeline stages (contiguous split balancing forward FLOPs per {t.seq_len}-token sequence, "
-                  f"megamod.train.flops):",
+    how = ("as given by --parallel.pp_layers" if p.pp_layers else
+           f"contiguous split balancing forward FLOPs per {t.seq_len}-token sequence, megamod.train.flops")
+    lines += ["", f"pipeline stages ({how}; FLOPs per sequence):",
               f"  {'stage':>5}  {'blocks':<8} {'also':<22} {'GFLOP':>9} {'share':>6}  {'params/rank':>12}"]
     for s, pl in enumerate(plans):
         also = ", ".join((["embedding"] if s == 0 else []) + (["norm, output"] if s == len(plans) - 1 else []))
@@ -280,9 +231,7 @@ def format_report(cfg: Config, world_size: int) -> str:
     if p.pp > 1 and t.grad_accum < p.pp:
         lines.append(f"  warning: train.grad_accum {t.grad_accum} < pp {p.pp} micro-batches: the 1F1B pipeline "
                      f"is mostly bubble; raise --train.grad_accum")
-    if p.pp > 1 and zero >= 2:
-        lines.append(f"  warning: DeepSpeed's PipelineEngine refuses ZeRO-2/3 with pipeline parallelism; "
-                     f"--optim.zero_stage {zero} with pp {p.pp} needs ZeRO 0/1")
-    lines.append("note: pipeline (and context) parallelism are only planned here; the trainer does not "
-                 "implement them yet (it runs tp × dp with --parallel.pp 1 --parallel.cp 1).")
+    if p.cp > 1:
+        lines.append("note: context parallelism is only planned here; the trainer does not implement it yet "
+                     "(it runs tp × pp × dp with --parallel.cp 1).")
     return "\n".join(lines)

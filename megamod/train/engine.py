@@ -61,16 +61,20 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, precision: str, optimizer_
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
-        "checkpoint": {"tag_validation": "FAIL"},  # all ranks must agree on the tag
+        # All ranks must agree on the tag. Under PP every stage saves into its own sub-tag of the
+        # step (checkpoint.py), which DeepSpeed's world-wide hash check would take for a
+        # disagreement; our marker and the broadcast tag on resume keep the ranks together there.
+        "checkpoint": {"tag_validation": "FAIL" if dims.pp == 1 else "IGNORE"},
     }
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on gains (1-D parameters); decay on matrices and embeddings."""
+    """No weight decay on gains (1-D parameters); decay on matrices and embeddings. The last
+    pipeline stage's copy of a tied embedding is left out: stage 0 owns it (pipeline.py)."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
+        if not p.requires_grad or id(p) in seen or getattr(p, "pipeline_tied_copy", False):
             continue
         seen.add(id(p))
         (no_decay if p.ndim < 2 else decay).append(p)

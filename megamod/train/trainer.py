@@ -3,7 +3,8 @@
 Split as torchtitan's: ``forward_backward_step`` (one micro-batch), ``train_step`` (one optimizer
 step over grad_accum micro-batches), ``train`` (the loop: logging, evaluation, checkpoints, stop
 requests). Loss values stay on the device between log intervals, so the loop does not sync
-every step.
+every step. Under pipeline parallelism ``train_step`` hands the micro-batches to the stage's
+1F1B schedule instead (parallel/pipeline.py), which drives the same engine calls.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_a
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
 from megamod.parallel.dims import ParallelDims
 from megamod.parallel.parallelize import LossFn, build_loss_fn, parallelize_model
+from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
 from megamod.train.engine import build_engine, resolve_dtype
@@ -49,6 +51,8 @@ class Trainer:
     state: ckpt.TrainState
     metrics: MetricsLogger
     stop: StopController
+    # pipeline parallelism: this stage's schedule (None at pp=1)
+    pipeline: PipelineSchedule | None = None
 
     @functools.cached_property
     def step_flops(self) -> int:
@@ -66,6 +70,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
         set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum)  # MoD aux gradients: scaled like the LM loss
+        mark_tied_copy(model)  # pp > 1: the last stage's copy of a tied embedding stays out of the optimizer
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         loss_fn = build_loss_fn(cfg, dims)
@@ -77,8 +82,12 @@ class Trainer:
         metrics = MetricsLogger(cfg.train.run_dir, enabled=dims.rank == 0, tensorboard=cfg.logging.tensorboard,
                                 progress=cfg.train.progress, total_steps=cfg.train.steps)
         stop = stop or StopController(cfg.train.exit_after_minutes or None).install()
+        pipeline = None
+        if dims.pp > 1:
+            pipeline = PipelineSchedule(cfg, dims, model, engine, loss_fn, device)
+            pipeline.sync_tied_weights()  # the last stage's copy starts as stage 0's matrix
         trainer = cls(cfg, dims, device, model, loss_fn, engine, train_data, valid_data,
-                      ckpt.TrainState(), metrics, stop)
+                      ckpt.TrainState(), metrics, stop, pipeline)
         if cfg.checkpoint.resume:
             trainer.resume()
         return trainer
@@ -96,12 +105,20 @@ class Trainer:
             flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
             raise RuntimeError(f"checkpoint {self.ckpt_dir}/{tag[0]} has another architecture: {flags}. "
                                f"Use the checkpoint's model flags, or a new --train.run_dir")
-        self.state = ckpt.load(self.engine, self.ckpt_dir, tag[0], grid=self.dims.sizes())
+        self.state = ckpt.load(self.engine, self.ckpt_dir, tag[0], grid=self.dims.sizes(), stage=self._stage)
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_weights()
         if self.dims.rank == 0:
             print(f"resumed from {self.ckpt_dir}/{tag[0]} at step {self.state.step}", flush=True)
 
+    @property
+    def _stage(self) -> int | None:
+        """This rank's pipeline stage, or None at pp=1 (checkpoint layout, checkpoint.py)."""
+        return self.dims.coords()["pp"] if self.dims.pp > 1 else None
+
     def save(self) -> str:
-        return ckpt.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(), self.cfg.checkpoint.keep_last)
+        return ckpt.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(), self.cfg.checkpoint.keep_last,
+                         stage=self._stage)
 
     # ---- steps ----------------------------------------------------------------------------------
     def forward_backward_step(self, batch: torch.Tensor) -> torch.Tensor:
@@ -113,16 +130,25 @@ class Trainer:
         return loss.detach()
 
     def train_step(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:
-        losses = [self.forward_backward_step(next(batches)) for _ in range(self.cfg.train.grad_accum)]
+        """One optimizer step. Returns the mean loss over the micro-batches (under PP: on the last
+        stage; 0 elsewhere, and ``_dp_mean`` sums over the pipeline)."""
+        if self.pipeline is not None:
+            loss = self.pipeline.train_step(batches)
+        else:
+            loss = torch.stack([self.forward_backward_step(next(batches)) for _ in range(self.cfg.train.grad_accum)]).mean()
         t = self.cfg.train
         self.state.step += 1
         self.state.consumed_samples += t.micro_batch_size * t.grad_accum * self.dims.dp
         self.state.flops += self.step_flops
-        return torch.stack(losses).mean()
+        return loss
 
     def _dp_mean(self, value: torch.Tensor) -> float:
+        """Mean over data-parallel replicas of a value the last pipeline stage holds (the other
+        stages hold 0, so a sum over the pipeline group moves it to every rank)."""
         value = value.detach().float().clone()
         dist.all_reduce(value, group=self.dims.group("dp"))
+        if self.dims.pp > 1:
+            dist.all_reduce(value, group=self.dims.group("pp"))
         return value.item() / self.dims.dp
 
     @torch.no_grad()
@@ -130,9 +156,13 @@ class Trainer:
         """val_loss with training-style routing; for MoD models also val_loss_causal (the causal
         routing generation uses), predictor accuracy and flip rates (rank 0's, over routed layers)."""
         out = {"val_loss": self._eval_loss()}
-        if has_causal_routing(self.model):
+        # Every rank must take the same branch (evaluation is collective), but a pipeline stage
+        # may hold no routed block: decide over all ranks.
+        causal = torch.tensor(float(has_causal_routing(self.model)))
+        dist.all_reduce(causal, op=dist.ReduceOp.MAX, group=self.dims.group("control"))
+        if causal.item():
             out.update(evaluate_causal_routing(self.model, self._eval_loss))
-        return out
+        return _over_ranks(out) if self.dims.pp > 1 else out  # predictor statistics live on their stages
 
     @torch.no_grad()
     def _eval_loss(self) -> float:
@@ -142,7 +172,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for _ in range(t.eval_steps):
             batch = next(batches).to(self.device)
-            total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
+            if self.pipeline is not None:
+                total += self.pipeline.eval_loss(batch)
+            else:
+                total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
         self.engine.train()
         return self._dp_mean(total / t.eval_steps)
 

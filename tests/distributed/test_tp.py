@@ -23,9 +23,18 @@ _BASE = ["--data.synthetic", "true", "--model.n_layers", "2", "--model.d_model",
          "--model.ffn_hidden", "128", "--model.vocab_size", "256", "--train.seq_len", "16"]
 # (tp, sequence_parallel, extra flags): GQA where tp allows it (tp=2: 2 kv heads, one per rank)
 # and tied embeddings once, so the vocab-parallel embedding and output share one sharded weight.
+# MoD (block 1 routed, k = 4 of 16 tokens, router BCE + predictor losses injected in backward):
+# under SP the selected tokens are spread over the ranks' sequence shards (routed_sp.py).
+_MOD = ["--mod.enabled", "true", "--mod.capacity", "0.25", "--mod.aux_loss_weight", "0.1", "--mod.gate", "sigmoid"]
 _CASES = [(4, False, ["--model.n_kv_heads", "4"]), (4, True, ["--model.n_kv_heads", "4"]),
           (2, False, ["--model.n_kv_heads", "2", "--model.tie_embeddings", "true"]),
-          (2, True, ["--model.n_kv_heads", "2"])]
+          (2, True, ["--model.n_kv_heads", "2"]),
+          (4, True, ["--model.n_kv_heads", "4", *_MOD]), (2, True, ["--model.n_kv_heads", "2", *_MOD]),
+          (2, False, ["--model.n_kv_heads", "2", *_MOD])]
+
+
+def _key(tp: int, sp: bool, extra: list[str]) -> tuple:
+    return tp, sp, "mod" if "--mod.enabled" in extra else "dense"
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -69,12 +78,12 @@ def _compare_with_single_device(rank: int, world_size: int) -> dict:
         loss.backward()
 
         ref_grads = dict(ref.named_parameters())
-        case = {"logits_shape": tuple(logits.shape),
+        case = {"logits_shape": tuple(logits.shape), "ref_params": sorted(ref_grads),
                 "logits": _rel(_gather(logits.detach(), -1, group), ref_logits.detach()),
                 "loss": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
                 "grads": {name: _rel(_gather(p.grad, dims_of[name], group), ref_grads[name].grad)
                           for name, p in model.named_parameters()}}
-        out[(tp, sp)] = case
+        out[_key(tp, sp, extra)] = case
     out["rng"] = _tp_rng(rank, world_size)
     return out
 
@@ -106,15 +115,14 @@ def results():
 
 
 def test_tp_and_sp_match_single_device(results):
-    for tp, sp, _ in _CASES:
+    for tp, sp, extra in _CASES:
         for rank, res in enumerate(results):
-            case = res[(tp, sp)]
-            where = f"tp={tp} sp={sp} rank={rank}"
+            case = res[_key(tp, sp, extra)]
+            where = f"{_key(tp, sp, extra)} rank={rank}"
             assert case["logits_shape"] == (2, 16, 256 // tp), where  # vocab-sharded, never gathered
             assert case["logits"] < 1e-5, (where, case["logits"])
             assert case["loss"] < 1e-5, (where, case["loss"])
-            n_params = 2 * 9 + 3 - ((tp, sp) == (2, False))  # 9 per block, embedding, norm, output (tied: shared)
-            assert len(case["grads"]) == n_params, where
+            assert sorted(case["grads"]) == case["ref_params"], where  # every parameter compared
             bad = {n: e for n, e in case["grads"].items() if not e < 1e-5}
             assert not bad, (where, bad)
 

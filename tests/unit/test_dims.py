@@ -85,11 +85,12 @@ def test_mpu_interface(tp, cp, dp, pp):
             ("dp", d.get_data_parallel_rank, d.get_data_parallel_world_size),
             ("cp", d.get_sequence_parallel_rank, d.get_sequence_parallel_world_size),
             ("dp_cp", d.get_sequence_data_parallel_rank, d.get_sequence_data_parallel_world_size),
-            ("pp", d.get_pipe_parallel_rank, d.get_pipe_parallel_world_size),
         ]:
             g = d.group_of(name)
             assert rank_fn() == g.index(rank) and size_fn() == len(g), name
         assert d.get_data_parallel_group_ranks() == d.group_of("dp")
+        assert d.get_pipe_parallel_rank() == d.group_of("pp").index(rank)
+        assert d.get_pipe_parallel_world_size() == 1  # one engine per stage (dims.py docstring)
         assert d.get_tensor_model_parallel_src_rank() == rank - c["tp"]
 
 
@@ -101,7 +102,9 @@ def test_deepspeed_reads_our_mpu():
     d = ParallelDims(tp=4, cp=1, dp=2, pp=2, rank=13)  # coords tp=1, dp=1, pp=1
     assert bwc_tensor_model_parallel_rank(d) == 1
     assert bwc_tensor_model_parallel_world_size(d) == 4
-    assert bwc_pipeline_parallel_world_size(d) == 2
+    # One DeepSpeed engine per pipeline stage: to DeepSpeed a stage is a whole model, so its
+    # checkpoint files read as pp=1 (ds_to_universal counts files by this size).
+    assert bwc_pipeline_parallel_world_size(d) == 1
 
 
 def test_bad_dims_are_refused():
