@@ -20,6 +20,8 @@ for what in "$@"; do
         throughput) python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | grep -v Warning | tee "$OUT/throughput.log" ;;
         throughput-split) python3 benchmarks/train_throughput.py --which b,c,d --json "$OUT/throughput_split.json" 2>&1 \
             | grep -v Warning | tee "$OUT/throughput_split.log" ;;
+        mod-z0-mb8) python3 benchmarks/mod_speed.py --compile --zero-stage 0 --micro-batch-size 8 --grad-accum 2 \
+            --json "$OUT/mod_speed_z0_mb8.json" 2>&1 | grep -v Warning | tee "$OUT/mod_speed_z0_mb8.log" ;;
         mod-compile-mb8) python3 benchmarks/mod_speed.py --compile --micro-batch-size 8 --grad-accum 2 \
             --json "$OUT/mod_speed_compile_mb8.json" 2>&1 | grep -v Warning | tee "$OUT/mod_speed_compile_mb8.log" ;;
         engine) python3 benchmarks/train_throughput.py --which b,c,d,dl --profile "$OUT/profile_c.txt" \

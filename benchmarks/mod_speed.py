@@ -5,7 +5,8 @@
     python benchmarks/mod_speed.py --check --json benchmarks/results/mod_speed.json
 
 One training step = forward + backward + optimizer through the real Trainer (DeepSpeed engine,
-ZeRO-1, bf16 with fp32 master weights, fused AdamW), synthetic tokens, one GPU. The two models
+ZeRO-1, bf16 with fp32 master weights, fused AdamW; or --zero-stage 0, the one-GPU autocast path),
+synthetic tokens, one GPU. The two models
 have the same architecture (MoD adds the router, d weights a routed block, and the predictor).
 Each variant runs in its own child process, so the dense model's memory is gone before the MoD
 model is built; the parent prints them side by side. Step times are medians over --steps steps
@@ -50,6 +51,9 @@ def _args(argv=None):
     ap.add_argument("--capacity", type=float, default=0.125)
     ap.add_argument("--every", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile each block (both variants)")
+    ap.add_argument("--zero-stage", type=int, default=1,
+                    help="DeepSpeed ZeRO stage (1: bf16 master weights, the earlier runs; 0: the one-GPU "
+                         "torch_autocast path of engine.py)")
     ap.add_argument("--check", action="store_true", help="exit 1 unless speedup >= 1.7 and overhead < 5%%")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", help="profile 3 extra steps of each variant: tables to PROFILE.{dense,mod}.txt")
@@ -67,7 +71,7 @@ def _overrides(a) -> list[str]:
     out = ["--model.flavour", a.flavour, "--train.seq_len", str(a.seq_len), "--model.max_seq_len",
            str(max(a.seq_len, 4096)), "--train.micro_batch_size", str(a.micro_batch_size),
            "--train.grad_accum", str(a.grad_accum),
-           "--train.steps", str(a.steps + a.warmup), "--data.synthetic", "true", "--optim.zero_stage", "1",
+           "--train.steps", str(a.steps + a.warmup), "--data.synthetic", "true", "--optim.zero_stage", str(a.zero_stage),
            "--train.run_dir", f"/tmp/megamod-mod-speed-{a.variant}-{os.getpid()}", "--checkpoint.resume", "false",
            "--logging.tensorboard", "false", "--train.progress", "off",
            "--train.device", "cpu" if a.tiny else "cuda", "--train.dtype", "fp32" if a.tiny else "bf16"]
