@@ -56,6 +56,7 @@ def _args(argv=None):
                          "torch_autocast path of engine.py)")
     ap.add_argument("--check", action="store_true", help="exit 1 unless speedup >= 1.7 and overhead < 5%%")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--only-mod", action="store_true", help="run the MoD variant alone (profiling; no ratio)")
     ap.add_argument("--profile", help="profile 3 extra steps of each variant: tables to PROFILE.{dense,mod}.txt")
     ap.add_argument("--variant", choices=["dense", "mod"], help=argparse.SUPPRESS)  # child process
     a = ap.parse_args(argv)
@@ -103,16 +104,25 @@ def _timer(device):
     return timed
 
 
-def _routing_parts(cfg, device, dtype, iters: int, compile: bool) -> dict[str, float]:
+def _routing_parts(cfg, device, iters: int, compile: bool, profile: str | None = None) -> dict[str, float]:
     """Seconds per routed block (forward + backward) of the routing machinery and its pieces, on a
-    freshly built block of the same shape (the engine's parameters are left alone); compiled as
-    the step's blocks are when ``compile``."""
+    freshly built block of the same shape (the engine's parameters are left alone), in the step's
+    precision (engine.resolve_precision: bf16 weights and activations, or fp32 weights and
+    residual stream under bf16 autocast) and compiled as the step's blocks are when ``compile``.
+    ``profile``: also write the profiler's kernel table of the compiled routed block there."""
+    import contextlib
+
     import torch
 
     from megamod.model.gpt import build_block
     from megamod.model.mod import capacity_tokens, routed_layers, topk_positions
     from megamod.model.rope import rope_tables
+    from megamod.train.engine import resolve_precision
 
+    precision = resolve_precision(cfg, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast"
+                else contextlib.nullcontext())
     timed = _timer(device)
     m = cfg.model
     b, s, d = cfg.train.micro_batch_size, cfg.train.seq_len, m.d_model
@@ -132,27 +142,36 @@ def _routing_parts(cfg, device, dtype, iters: int, compile: bool) -> dict[str, f
 
     def fwd_bwd(block):
         def run():
-            block(x, cos, sin).backward(grad)
+            with autocast:
+                y = block(x, cos, sin)
+            y.backward(grad)
             x.grad = None
             block.zero_grad(set_to_none=True)
         return run
 
     out = {"dense_block": timed(fwd_bwd(dense), iters), "routed_block": timed(fwd_bwd(routed), iters)}
+    if profile:
+        _profile_block(fwd_bwd(routed), device, profile)
     full_residual = routed.residual
     routed.residual = lambda xs, c, s_, kv=None: xs  # attention + MLP -> identity: routing only
     out["routing_overhead"] = timed(fwd_bwd(routed), iters)
+    if profile:  # the routing alone (residual = identity), same table
+        _profile_block(fwd_bwd(routed), device, profile.replace(".block.", ".routing."))
     routed.residual = full_residual
 
     def scores():
-        routed.scores(x).sum().backward()
+        with autocast:
+            sc = routed.scores(x)
+        sc.sum().backward()
         x.grad = None
 
     logits = torch.randn(b, s, device=device)
     idx = topk_positions(logits, k)
 
     def take_put():
-        xs = routed.take(x, idx)
-        routed.put(x, idx, xs).backward(grad)
+        with autocast:
+            y = routed.put(x, idx, routed.take(x, idx))
+        y.backward(grad)
         x.grad = None
 
     out["scores"] = timed(scores, iters)
@@ -160,6 +179,27 @@ def _routing_parts(cfg, device, dtype, iters: int, compile: bool) -> dict[str, f
     out["take_put"] = timed(take_put, iters)
     routed._stats.clear()
     return out
+
+
+def _profile_block(run, device, path: str) -> None:
+    """Ten profiled forward + backward passes of one block: its kernels by GPU time, and the
+    number of kernel launches per pass (what a launch-bound block pays for)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(10):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
+    with open(path, "w") as f:
+        f.write(f"kernel launches per forward + backward: {launches / 10:.0f}\n\n")
+        f.write(events.table(sort_by=key, row_limit=40, max_name_column_width=90))
+    print(f"block profile: {launches / 10:.0f} launches per fwd+bwd; table in {path}", file=sys.stderr)
 
 
 def child(a) -> dict:
@@ -207,8 +247,8 @@ def child(a) -> dict:
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if a.variant == "mod":
-        dtype = torch.float32 if a.tiny else torch.bfloat16
-        res["per_routed_block_s"] = _routing_parts(cfg, device, dtype, iters=max(3, a.steps), compile=a.compile)
+        res["per_routed_block_s"] = _routing_parts(cfg, device, iters=max(3, a.steps), compile=a.compile,
+                                                   profile=f"{a.profile}.block.txt" if a.profile else None)
     if a.profile and device.type == "cuda":
         from train_throughput import _profile  # benchmarks/ is this script's directory
 
@@ -264,7 +304,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(a)), flush=True)
         return 0
     results = {}
-    for variant in ("dense", "mod"):
+    for variant in ("mod",) if a.only_mod else ("dense", "mod"):
         cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
                "--variant", variant]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
@@ -274,6 +314,9 @@ def main(argv=None) -> int:
             print(f"mod_speed: the {variant} run failed (exit {proc.returncode})", file=sys.stderr)
             return 2
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if a.only_mod:
+        print(json.dumps(results["mod"], indent=1))
+        return 0
     text, summary = _report(results["dense"], results["mod"])
     print(text)
     ok = summary["speedup"] >= 1.7 and summary["routing_overhead_frac"] < 0.05
