@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from megamod.compat import build_adamw
@@ -39,9 +40,10 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
 
 def clips_in_optimizer(cfg: Config, dims: ParallelDims) -> bool:
-    """At ZeRO 0 DeepSpeed hands our optimizer the full gradients, so it can clip them itself;
-    with TP/CP/PP the norm would also need a reduction over those groups (DeepSpeed's does it)."""
-    return cfg.optim.zero_stage == 0 and dims.tp == dims.cp == dims.pp == 1
+    """At ZeRO 0 DeepSpeed hands our optimizer the full (data-parallel averaged) gradients, so it
+    can clip them itself; under TP/PP its norm is reduced over the model-parallel group the way
+    DeepSpeed's is (ClippingAdamW). Not with CP, whose gradient reduction is not built."""
+    return cfg.optim.zero_stage == 0 and dims.cp == 1
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, precision: str, optimizer_clips: bool = False) -> dict[str, Any]:
@@ -103,18 +105,35 @@ class ClippingAdamW(torch.optim.AdamW):
     one foreach norm over the gradients and no extra pass or host sync, and a non-finite norm
     skips the step instead of writing NaN into the weights. ``_global_grad_norm`` (a device
     scalar) is where DeepSpeed's engine looks for the norm it reports.
+
+    Under TP and PP (``norm_group``: the model-parallel group, TP × PP) the squared norm is summed
+    over the group with TP-replicated parameters counted on TP rank 0 only (``count_replicated``)
+    and TP-sharded ones (``tensor_model_parallel``) everywhere: DeepSpeed's own rule, one device
+    reduction and still no host sync.
     """
 
-    def __init__(self, params, *, max_norm: float, **kwargs: Any) -> None:
+    def __init__(self, params, *, max_norm: float, norm_group=None, count_replicated: bool = True,
+                 **kwargs: Any) -> None:
         super().__init__(params, fused=True, **kwargs)
         self.max_norm = max_norm
+        self.norm_group, self.count_replicated = norm_group, count_replicated
         self._global_grad_norm: torch.Tensor | None = None
+
+    def _norm(self, grads: list[torch.Tensor], params: list[torch.Tensor]) -> torch.Tensor:
+        if self.norm_group is None:
+            return torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+        counted = [g for g, p in zip(grads, params) if self.count_replicated or getattr(p, "tensor_model_parallel", False)]
+        sq = (torch.nn.utils.get_total_norm(counted, 2.0, foreach=True) ** 2 if counted
+              else grads[0].new_zeros((), dtype=torch.float32))
+        dist.all_reduce(sq, group=self.norm_group)
+        return sq.sqrt()
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         if grads:
-            norm = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True)
+            norm = self._norm(grads, params)
             self._global_grad_norm = norm
             self.found_inf = (~torch.isfinite(norm)).float()
             if self.max_norm > 0:  # grads / max(1, ‖g‖/max_norm) = grads · min(1, max_norm/‖g‖)
@@ -131,14 +150,16 @@ def build_engine(cfg: Config, model: nn.Module, dims: ParallelDims, device: torc
     groups = param_groups(model, o.weight_decay)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
     if optimizer_clips:
-        optimizer = ClippingAdamW(groups, max_norm=o.grad_clip, **kwargs)
+        model_parallel = dims.tp * dims.pp > 1
+        optimizer = ClippingAdamW(groups, max_norm=o.grad_clip, norm_group=dims.group("mp") if model_parallel else None,
+                                  count_replicated=dims.coords()["tp"] == 0, **kwargs)
     else:
         optimizer = build_adamw(groups, device=device, **kwargs)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, dims, precision, optimizer_clips),
                                            mpu=dims, dist_init_required=False)
-    if cfg.optim.zero_stage == 0 and dims.dp == 1:
+    if cfg.optim.zero_stage == 0 and dims.dp * dims.cp == 1:
         # ZeRO 0 all-reduces every gradient after backward through flat 500M-element buckets
         # (a copy in, a scale, a copy back: ~30 GB of traffic for 1.3B fp32 gradients) even when
         # the data-parallel group is this rank alone. DeepSpeed turns this off itself without a
