@@ -14,9 +14,12 @@ Memory model, bytes per rank (one rank per pipeline stage is reported; every ran
 alike). P is the rank's parameters: its stage's TP-sharded parameters / tp plus its replicated
 ones (norms, MoD router and predictor) counted fully.
 
-    dtype bf16 (mixed-precision Adam, 16 B/param): weights 2 (bf16) + gradients 2 (bf16)
+    bf16, master weights (ZeRO ≥ 1 by default; 16 B/param): weights 2 (bf16) + gradients 2 (bf16)
         + optimizer 12 (fp32 master copy 4, Adam m 4, v 4)
-    dtype fp32 (CPU runs, 16 B/param as well):     weights 4 + gradients 4
+    bf16 under autocast (ZeRO 0 by default, train.bf16_mode; 16 B/param): weights 4 (fp32) +
+        gradients 4 + optimizer 8 (m 4, v 4); autocast's bf16 weight copies (2 B/param while a
+        forward and its backward run) are not counted
+    fp32 (CPU runs, 16 B/param as well):           weights 4 + gradients 4
         + optimizer 8 (m 4, v 4; the fp32 weights are their own master, no copy)
 
 ZeRO partitions over the ZeRO group of Z = dp·cp ranks (DeepSpeed's sequence-data-parallel
@@ -52,7 +55,7 @@ from megamod.parallel.pipeline import output_flops, stage_flops, stage_layers, s
 GIB = 2 ** 30
 
 # (weights, gradients, optimizer state) bytes per parameter; see the module docstring.
-BYTES_PER_PARAM = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+BYTES_PER_PARAM = {"bf16": (2, 2, 12), "autocast": (4, 4, 8), "fp32": (4, 4, 8)}
 ZERO_PARTITIONED = {0: (), 1: ("optimizer",), 2: ("optimizer", "gradients"),
                     3: ("optimizer", "gradients", "parameters")}
 
@@ -62,6 +65,13 @@ def training_dtype(cfg: Config) -> str:
     if cfg.train.dtype != "auto":
         return cfg.train.dtype
     return "fp32" if cfg.train.device == "cpu" else "bf16"
+
+
+def training_precision(cfg: Config) -> str:
+    """'fp32', 'bf16' (master weights) or 'autocast', as the engine will choose (engine.py)."""
+    from megamod.train.engine import precision_for
+
+    return precision_for(cfg, training_dtype(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +148,7 @@ class StagePlan:
 def plan_stages(cfg: Config, world_size: int) -> list[StagePlan]:
     p = cfg.parallel
     zero_group = resolve_dp(cfg, world_size) * p.cp
-    per_param = dict(zip(("parameters", "gradients", "optimizer"), BYTES_PER_PARAM[training_dtype(cfg)]))
+    per_param = dict(zip(("parameters", "gradients", "optimizer"), BYTES_PER_PARAM[training_precision(cfg)]))
     partitioned = ZERO_PARTITIONED[cfg.optim.zero_stage]
     stages = stage_layers(cfg)
     plans = []
@@ -184,7 +194,7 @@ def format_report(cfg: Config, world_size: int) -> str:
     dp = resolve_dp(cfg, world_size)
     dims = ParallelDims(tp=p.tp, cp=p.cp, dp=dp, pp=p.pp)
     plans = plan_stages(cfg, world_size)
-    dtype = training_dtype(cfg)
+    dtype = training_precision(cfg)
     w, g, o = BYTES_PER_PARAM[dtype]
     lines = [f"megamod dry run: model {cfg.model.flavour} ({cfg.model.n_layers} blocks"
              f"{', MoD' if cfg.mod.enabled else ''}), world size {world_size} = "

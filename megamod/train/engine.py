@@ -31,7 +31,12 @@ def resolve_dtype(cfg: Config, device: torch.device) -> str:
 
 def resolve_precision(cfg: Config, device: torch.device) -> str:
     """'fp32', 'bf16' (bf16 weights, fp32 master weights in DeepSpeed) or 'autocast'."""
-    if resolve_dtype(cfg, device) == "fp32":
+    return precision_for(cfg, resolve_dtype(cfg, device))
+
+
+def precision_for(cfg: Config, dtype: str) -> str:
+    """``resolve_precision`` for a known dtype (the dry run plans for a device it does not have)."""
+    if dtype == "fp32":
         return "fp32"
     mode = cfg.train.bf16_mode
     if mode == "auto":

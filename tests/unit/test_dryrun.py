@@ -21,17 +21,20 @@ CONFIG_2B, CONFIG_1B = str(ROOT / "examples/configs/2b.yaml"), str(ROOT / "examp
 GRID_2B = ["--parallel.tp", "4", "--parallel.pp", "4"]
 
 
-@pytest.mark.parametrize("zero, dtype", [(0, "bf16"), (1, "bf16"), (2, "bf16"), (2, "fp32")])
+@pytest.mark.parametrize("zero, dtype", [(0, "bf16"), (1, "bf16"), (2, "bf16"), (2, "fp32"), (0, "master")])
 def test_2b_memory_matches_zero_formulas(zero, dtype):
     """2b: d 2560, L 24, F 6912, V 32000, untied, so count_parameters gives
         N = L·(4d² + 3·d·F + 2d) + 2·V·d + d      (blocks with 2 norms, embedding, output, final norm)
     FLOPs balance puts 6 blocks on each stage (the output, ~0.9 of a block, cannot move a whole
     block off the last stage without overloading another), so the largest stage is the last:
         P = 6·(4d² + 3·d·F)/tp + 6·2d + V·d/tp + d  (norms replicated, the rest TP-sharded)
-    Bytes per parameter (weights, grads, optimizer): bf16 (2, 2, 12), fp32 (4, 4, 8); ZeRO-k
-    divides the first k of (optimizer, gradients, weights) by the ZeRO group dp·cp = 16."""
-    cfg = load_config(CONFIG_2B,
-                      [*GRID_2B, "--optim.zero_stage", str(zero), "--train.dtype", dtype])
+    Bytes per parameter (weights, grads, optimizer): bf16 with fp32 master weights (2, 2, 12), the
+    default at ZeRO ≥ 1 and "master" here; bf16 under autocast (4, 4, 8), the default at ZeRO 0;
+    fp32 (4, 4, 8). ZeRO-k divides the first k of (optimizer, gradients, weights) by the ZeRO
+    group dp·cp = 16."""
+    mode = ["--train.bf16_mode", "master_weights"] if dtype == "master" else []
+    cfg = load_config(CONFIG_2B, [*GRID_2B, "--optim.zero_stage", str(zero),
+                                  "--train.dtype", "fp32" if dtype == "fp32" else "bf16", *mode])
     validate(cfg, 256)
     d, L, F, V, tp, z = 2560, 24, 6912, 32000, 4, 16
     n = count_parameters(cfg.model)["total"]
@@ -39,7 +42,7 @@ def test_2b_memory_matches_zero_formulas(zero, dtype):
     assert block_linear == 4 * d * d + 3 * d * F
     assert stage_split(cfg) == [list(range(s, s + 6)) for s in range(0, 24, 6)]
     p = 6 * block_linear // tp + 6 * 2 * d + V * d // tp + d
-    w, g, o = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}[dtype]
+    w, g, o = (4, 4, 8) if dtype == "fp32" or (dtype == "bf16" and zero == 0) else (2, 2, 12)
     expected = {"parameters": w * p / (z if zero >= 3 else 1), "gradients": g * p / (z if zero >= 2 else 1),
                 "optimizer": o * p / (z if zero >= 1 else 1)}
     mem = memory_per_rank(cfg, 256)
