@@ -3,7 +3,8 @@
 Why this shape. MoBA picks blocks per query token, so the queries of a 128-row tile pick
 nearly every past block between them (random data: almost all); a query-tile kernel (and
 FlexAttention, which skips work only per 128x128 tile) then does almost dense work. Here the
-work is grouped the other way round, by the block that was picked:
+work is grouped the other way round, by the block that was picked (steps 0-3, the plan, in
+megamod/ops/moba_plan.py; 4-5 here):
 
   0. plan kernels         _blocks_kernel: global block table of the packed batch
   1. _block_mean_kernel   mean of K per block                          [NB, Hkv, D] fp32
@@ -38,6 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
+from megamod.ops.moba_plan import _cdiv, _gate, _plan, _tiles  # noqa: F401 (also used by tests, benchmarks)
+from megamod.ops.moba_plan import _block_mean_kernel, _gate_kernel  # noqa: F401 (benchmarks/moba_ptxas_report.py)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -64,187 +68,6 @@ INTERP_CFG = dict(
 
 # The kernels take max_seqlen for their grids: it must be >= the longest sequence (as in
 # flash-attn's varlen API); tokens past it would be left unwritten.
-
-# ----------------------------------------------------------------------------------------
-# plan: block table, sorted entries, tile schedule (a few launches, no host synchronisation)
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _blocks_kernel(CU, BLK_START, BLK_LEN, BLK_FIRST, N, NBT, CHUNK: tl.constexpr, R: tl.constexpr,
-                   SP: tl.constexpr):
-    """Global block table: block g of the packed batch starts at BLK_START[g] and holds BLK_LEN[g]
-    tokens (0 for the unused ids up to NBT); BLK_FIRST[n] is the id of sequence n's block 0."""
-    g = tl.program_id(0) * R + tl.arange(0, R)
-    start = tl.zeros([R], tl.int32)
-    blen = tl.zeros([R], tl.int32)
-    carry = tl.full([], 0, tl.int32)
-    for n0 in range(0, N, SP):
-        n = n0 + tl.arange(0, SP)
-        c0 = tl.load(CU + n, mask=n < N, other=0)
-        c1 = tl.load(CU + n + 1, mask=n < N, other=0)
-        nb = (c1 - c0 + CHUNK - 1) // CHUNK
-        excl = tl.cumsum(nb, 0) - nb + carry
-        if tl.program_id(0) == 0:
-            tl.store(BLK_FIRST + n, excl, mask=n < N)
-        hit = (excl[None, :] <= g[:, None]) & (g[:, None] < excl[None, :] + nb[None, :])  # [R, SP]
-        st = c0[None, :] + (g[:, None] - excl[None, :]) * CHUNK
-        start += tl.sum(tl.where(hit, st, 0), 1)
-        blen += tl.sum(tl.where(hit, tl.minimum(c1[None, :] - st, CHUNK), 0), 1)
-        carry += tl.sum(nb, 0)
-    tl.store(BLK_START + g, start, mask=g < NBT)
-    tl.store(BLK_LEN + g, blen, mask=g < NBT)
-
-
-@triton.jit
-def _entries_kernel(PERM, SKEY, TOK, BOUNDS, E, NSEG, HKS, NLOG, NPE, R: tl.constexpr):
-    """After the sort: TOK[i] = token of sorted entry i; BOUNDS[seg] = first entry with key >= seg
-    (binary search), so segment seg holds entries [BOUNDS[seg], BOUNDS[seg + 1])."""
-    pid = tl.program_id(0)
-    if pid < NPE:
-        i = pid.to(tl.int64) * R + tl.arange(0, R)
-        p = tl.load(PERM + i, mask=i < E, other=0)
-        tl.store(TOK + i, (p // HKS).to(tl.int32), mask=i < E)
-    else:
-        seg = (pid - NPE) * R + tl.arange(0, R)
-        lo = tl.zeros([R], tl.int64)
-        hi = tl.zeros([R], tl.int64) + E
-        for _ in range(NLOG):
-            mid = (lo + hi) // 2
-            v = tl.load(SKEY + mid, mask=mid < hi, other=0)
-            right = (mid < hi) & (v < seg)
-            lo = tl.where(right, mid + 1, lo)
-            hi = tl.where(right | (mid >= hi), hi, mid)
-        tl.store(BOUNDS + seg, lo.to(tl.int32), mask=seg <= NSEG)
-
-
-@triton.jit
-def _tile_prefix_kernel(BOUNDS, TILE_FIRST, PASS_LO, HN, KS, BM: tl.constexpr, R: tl.constexpr):
-    """One program: tiles of BM entries per segment, numbered pass-major (pass s, then head and
-    block); TILE_FIRST[seg] = the segment's first tile, pass s owns [PASS_LO[s], PASS_LO[s + 1])."""
-    carry = tl.full([], 0, tl.int32)
-    for i0 in range(0, KS * HN, R):
-        i = i0 + tl.arange(0, R)  # pass-major index s * HN + (h * NBT + g)
-        ok = i < KS * HN
-        seg = (i % HN) * KS + i // HN
-        cnt = tl.load(BOUNDS + seg + 1, mask=ok, other=0) - tl.load(BOUNDS + seg, mask=ok, other=0)
-        nt = (cnt + BM - 1) // BM
-        excl = tl.cumsum(nt, 0) - nt + carry
-        tl.store(TILE_FIRST + seg, excl, mask=ok)
-        tl.store(PASS_LO + i // HN, excl, mask=ok & (i % HN == 0))
-        carry += tl.sum(nt, 0)
-    tl.store(PASS_LO + KS, carry)
-
-
-@triton.jit
-def _tile_seg_kernel(BOUNDS, TILE_FIRST, TILE_SEG, BM: tl.constexpr, R: tl.constexpr):
-    """TILE_SEG[t] = the segment of tile t (one program per segment)."""
-    seg = tl.program_id(0)
-    nt = (tl.load(BOUNDS + seg + 1) - tl.load(BOUNDS + seg) + BM - 1) // BM
-    first = tl.load(TILE_FIRST + seg)
-    for j0 in range(0, nt, R):
-        j = j0 + tl.arange(0, R)
-        tl.store(TILE_SEG + first + j, tl.zeros([R], tl.int32) + seg, mask=j < nt)
-
-
-# ----------------------------------------------------------------------------------------
-# gating
-# ----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride_mg, stride_mh,
-                       D, BLOCK_D: tl.constexpr, BR: tl.constexpr):
-    g = tl.program_id(0)
-    hk = tl.program_id(1)
-    start = tl.load(BLK_START + g).to(tl.int64)
-    blen = tl.load(BLK_LEN + g)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BR, BLOCK_D], dtype=tl.float32)
-    for r0 in range(0, blen, BR):
-        r = r0 + tl.arange(0, BR)
-        ptr = K + (start + r)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :]
-        acc += tl.load(ptr, mask=(r[:, None] < blen) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-    mean = tl.sum(acc, 0) / tl.maximum(blen, 1).to(tl.float32)
-    tl.store(MEAN + g * stride_mg + hk * stride_mh + offs_d, mean, mask=offs_d < D)
-
-
-@triton.jit
-def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, stride_mh, stride_st,
-                 stride_sh, G, D, NBT, CHUNK: tl.constexpr, KS: tl.constexpr, KSP: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr, DC: tl.constexpr,
-                 PREC: tl.constexpr, KEY: tl.constexpr):
-    """PREC "fma": exact fp32 products and sums on the CUDA cores, DC dims at a time (tl.dot with
-    "ieee" keeps whole rows in registers and spills). "tf32x3"/"bf16x3": tensor cores with fp32
-    operands split in three, fp32 accumulation (error ~1e-6 relative).
-
-    Writes SEL[t, h, s]: the global block id of pick s, or -1; with KEY the sort key of the entry
-    instead: segment id (h * NBT + block) * KS + s, or NSEG = KS * H * NBT for no pick.
-    Slot order (the slot passes rely on it): a row with p < KS picks holds them in the LAST p
-    slots, because an empty slot is filled from the highest column down and a filled slot never
-    empties. p = min(KS, t // CHUNK) for the row at position t: every competing block is picked
-    when fewer than KS compete (scores are finite)."""
-    pid_m = tl.program_id(0)
-    n = tl.program_id(1)
-    h = tl.program_id(2)
-    s0 = tl.load(CU + n)
-    L = tl.load(CU + n + 1) - s0
-    m0 = pid_m * BM
-    if m0 >= L:
-        return
-    pos = m0 + tl.arange(0, BM)  # [BM] position inside the sequence
-    own = pos // CHUNK  # block j competes for row r iff j < own[r]  ((j+1)B <= t)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = (s0 + pos).to(tl.int64)
-    qrow = Q + rows * stride_qt + h * stride_qh  # [BM] row pointers
-    if PREC != "fma":
-        q = tl.load(qrow[:, None] + offs_d[None, :], mask=(pos[:, None] < L) & (offs_d[None, :] < D),
-                    other=0.0).to(tl.float32)
-    b0 = tl.load(BLK_FIRST + n)
-    nc = (tl.minimum(L, m0 + BM) - 1) // CHUNK  # blocks 0..nc-1 compete for some row
-    cols = tl.arange(0, KSP)
-    # running top-KS per row; padding columns hold +inf so they are never the minimum
-    topv = tl.where(cols[None, :] < KS, float("-inf"), float("inf")) + tl.zeros([BM, KSP], tl.float32)
-    topi = tl.full([BM, KSP], -1, tl.int32)
-    hk = h // G
-    for j0 in range(0, nc, NBLK):
-        jj = j0 + tl.arange(0, NBLK)
-        mrow = MEAN + (b0 + jj).to(tl.int64) * stride_mg + hk * stride_mh  # [NBLK]
-        if PREC == "fma":
-            sc = tl.zeros([BM, NBLK], tl.float32)
-            for d0 in range(0, BLOCK_D, DC):
-                dd = d0 + tl.arange(0, DC)
-                qc = tl.load(qrow[:, None] + dd[None, :], mask=(pos[:, None] < L) & (dd[None, :] < D),
-                             other=0.0).to(tl.float32)  # [BM, DC]
-                mc = tl.load(mrow[:, None] + dd[None, :], mask=(jj[:, None] < nc) & (dd[None, :] < D),
-                             other=0.0)  # [NBLK, DC]
-                sc += tl.sum(qc[:, None, :] * mc[None, :, :], 2)
-        else:
-            mt = tl.load(mrow[:, None] + offs_d[None, :], mask=(jj[:, None] < nc) & (offs_d[None, :] < D),
-                         other=0.0)
-            sc = tl.dot(q, tl.trans(mt), input_precision=PREC)  # [BM, NBLK] fp32, unscaled
-        sc = tl.where(jj[None, :] < own[:, None], sc, float("-inf"))
-        # Chunks arrive in increasing block index and argmax breaks ties to the left, so a
-        # candidate only enters on a strictly larger score: the lower index wins ties.
-        for _ in tl.static_range(KS):
-            cmax = tl.max(sc, 1)
-            carg = tl.argmax(sc, 1, tie_break_left=True)
-            rmin = tl.min(topv, 1)
-            # slot to evict: the lowest score, and among equal lowest the highest block index
-            key = tl.where(topv == rmin[:, None], (topi + 1) * KSP + cols[None, :], -1)
-            slot = tl.max(key, 1) % KSP
-            hit = (cmax > rmin)[:, None] & (cols[None, :] == slot[:, None])
-            topv = tl.where(hit, cmax[:, None], topv)
-            topi = tl.where(hit, (j0 + carg)[:, None], topi)
-            sc = tl.where(jj[None, :] == (j0 + carg)[:, None], float("-inf"), sc)
-    if KEY:
-        nseg = KS * NBT * tl.num_programs(2)
-        out = tl.where(topv > float("-inf"), (h * NBT + b0 + topi) * KS + cols[None, :], nseg)
-    else:
-        out = tl.where(topv > float("-inf"), b0 + topi, -1)
-    tl.store(SEL + rows[:, None] * stride_st + h * stride_sh + cols[None, :], out,
-             mask=(pos[:, None] < L) & (cols[None, :] < KS))
-
 
 # ----------------------------------------------------------------------------------------
 # forward
@@ -575,64 +398,6 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK
 # ----------------------------------------------------------------------------------------
 
 
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def _plan(q, k, cu, max_seqlen, B, topk, cfg):
-    """Block table, picks and the sorted entry list. Device work only (no host synchronisation),
-    in a handful of launches: block table, block means, gate (writes the sort keys), sort, entries."""
-    T, H, D = q.shape
-    Hkv = k.shape[1]
-    N = cu.numel() - 1
-    KS = topk - 1
-    dev = q.device
-    cu = cu.to(device=dev, dtype=torch.int32)
-    NBT = T // B + N  # upper bound on the number of blocks; unused ids get length 0
-    blk_start = torch.empty(NBT, dtype=torch.int32, device=dev)
-    blk_len = torch.empty(NBT, dtype=torch.int32, device=dev)
-    blk_first = torch.empty(N, dtype=torch.int32, device=dev)
-    _blocks_kernel[(_cdiv(NBT, 128),)](cu, blk_start, blk_len, blk_first, N, NBT, CHUNK=B, R=128, SP=32)
-    plan = dict(T=T, H=H, Hkv=Hkv, D=D, N=N, KS=KS, B=B, NBT=NBT, max_seqlen=max_seqlen,
-                cu=cu, blk_start=blk_start, blk_len=blk_len, blk_first=blk_first)
-    if KS == 0:
-        return plan
-    # sort key of every (token, head, slot) entry: segment (h * NBT + g) * KS + s, so the slots
-    # of one (head, block) are adjacent and dK/dV reads them as one run; NSEG ("no pick") last
-    key = _gate(q, k, plan, blk_first, cfg, key=True).view(-1)  # [T*H*KS], t-major
-    NSEG = KS * H * NBT
-    skey, perm = torch.sort(key, stable=True)  # stable: tokens ascending inside a segment
-    del key
-    E = skey.numel()
-    tok = torch.empty(E, dtype=torch.int32, device=dev)
-    bounds = torch.empty(NSEG + 1, dtype=torch.int32, device=dev)
-    R = 1024
-    npe = _cdiv(E, R)
-    _entries_kernel[(npe + _cdiv(NSEG + 1, R),)](perm, skey, tok, bounds, E, NSEG, H * KS, E.bit_length() + 1,
-                                                  npe, R=R)
-    plan.update(tok=tok, seg_bounds=bounds)  # segment i: entries [bounds[i], bounds[i+1])
-    return plan
-
-
-def _gate(q, k, plan, blk_first, cfg, key=False):
-    """[T, H, KS] int32 picks of the Triton gate (global block ids, -1 = none), or with key the
-    sort keys of the entries (see _gate_kernel)."""
-    T, H, D = q.shape
-    Hkv, N, KS, B, NBT = plan["Hkv"], plan["N"], plan["KS"], plan["B"], plan["NBT"]
-    BLOCK_D = triton.next_power_of_2(D)
-    mean = torch.empty(NBT, Hkv, D, dtype=torch.float32, device=q.device)  # [NB, Hkv, D]
-    _block_mean_kernel[(NBT, Hkv)](k, mean, plan["blk_start"], plan["blk_len"], k.stride(0), k.stride(1),
-                                   mean.stride(0), mean.stride(1), D, BLOCK_D=BLOCK_D, BR=32)
-    sel = torch.empty(T, H, KS, dtype=torch.int32, device=q.device)
-    _gate_kernel[(_cdiv(plan["max_seqlen"], cfg["gate_bm"]), N, H)](
-        q, mean, sel, plan["cu"], blk_first, q.stride(0), q.stride(1), mean.stride(0),
-        mean.stride(1), sel.stride(0), sel.stride(1), H // Hkv, D, NBT, CHUNK=B, KS=KS,
-        KSP=triton.next_power_of_2(KS), BLOCK_D=BLOCK_D, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
-        DC=cfg["gate_dc"], PREC=cfg["gate_prec"], KEY=key, num_warps=cfg["gate_warps"],
-        num_stages=cfg.get("gate_stages", 3))  # 3: Triton's default, what configs without the key used
-    return sel
-
-
 def default_cfg(q, chunk):
     if not q.is_cuda:
         return INTERP_CFG
@@ -652,26 +417,6 @@ def moba_gate_triton(q, k, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, c
     if moba_topk == 1:
         return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int32, device=q.device)
     return _gate(q, k, plan, plan["blk_first"], cfg)
-
-
-def _tiles(plan, BM):
-    """Tile schedule of the slot passes for a BM: pass s covers tiles [pass_lo[s], pass_lo[s+1]);
-    tile_seg maps a tile to its segment, tile_first[seg] is the segment's first tile. Cached in
-    the plan: the forward and the backward share it when their BM agree."""
-    if ("tiles", BM) in plan:
-        return plan[("tiles", BM)]
-    KS, H, NBT, T = plan["KS"], plan["H"], plan["NBT"], plan["T"]
-    dev = plan["tok"].device
-    NSEG = KS * H * NBT
-    UB = _cdiv(T * H, BM) + H * NBT  # tiles in one pass <= entries / BM + segments
-    tile_first = torch.empty(NSEG, dtype=torch.int32, device=dev)
-    pass_lo = torch.empty(KS + 1, dtype=torch.int32, device=dev)
-    tile_seg = torch.empty(KS * UB, dtype=torch.int32, device=dev)
-    _tile_prefix_kernel[(1,)](plan["seg_bounds"], tile_first, pass_lo, H * NBT, KS, BM=BM, R=1024)
-    _tile_seg_kernel[(NSEG,)](plan["seg_bounds"], tile_first, tile_seg, BM=BM, R=128)
-    t = dict(UB=UB, pass_lo=pass_lo, tile_seg=tile_seg, tile_first=tile_first)
-    plan[("tiles", BM)] = t
-    return t
 
 
 def _prec(dtype):
