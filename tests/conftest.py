@@ -6,8 +6,27 @@ environment on the machine, which may build it with other flags and so force a r
 30-60 s). Keeping the cache inside the venv builds it once per checkout.
 """
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def load_tool():
+    """``load_tool("preprocess_data").main([...])``: a script of tools/ as a module (tools/ is not
+    a package), so tests run its command line in-process."""
+    tools = Path(__file__).resolve().parents[1] / "tools"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, tools / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -20,13 +19,6 @@ from megamod.data.spm_train import SpmOptions, train_sentencepiece
 from megamod.data.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 TEXTS = [f"def f{i}(x):\n    return x * {i}  # the lazy dog\n" for i in range(40)] + ["", "ünï 🙂"]
@@ -142,7 +134,7 @@ def test_progress_reports_rates():
     assert "docs/s" in lines[0] and "M tokens/s" in lines[0]
 
 
-def test_cli_writes_outputs_and_skip_listing(tmp_path, model, capsys):
+def test_cli_writes_outputs_and_skip_listing(tmp_path, model, capsys, load_tool):
     src = write_jsonl(tmp_path / "in.jsonl", good_lines(TEXTS) + [b"{bad"])
     rc = load_tool("preprocess_data").main([
         "--input", str(src), "--output-prefix", str(tmp_path / "d" / "out"), "--json-keys", "text",
@@ -167,7 +159,7 @@ def test_cli_writes_outputs_and_skip_listing(tmp_path, model, capsys):
     (["--input", "/nonexistent.jsonl"], "--input"),
     (["--json-keys", "text", "text"], "--json-keys"),
 ])
-def test_cli_bad_flags_are_named(tmp_path, model, capsys, flags, named):
+def test_cli_bad_flags_are_named(tmp_path, model, capsys, flags, named, load_tool):
     src = write_jsonl(tmp_path / "in.jsonl", good_lines(["x"]))
     args = {"--input": [str(src)], "--output-prefix": [str(tmp_path / "o")],
             "--tokenizer-type": ["SentencePieceTokenizer"], "--tokenizer-model": [model]}
@@ -200,7 +192,7 @@ def test_killed_run_leaves_nothing_that_looks_valid(tmp_path, model):
         IndexedDataset(str(tmp_path / "k_text_document"))
 
 
-def test_merge_tool(tmp_path, model, capsys):
+def test_merge_tool(tmp_path, model, capsys, load_tool):
     a = write_jsonl(tmp_path / "a.jsonl", good_lines(TEXTS[:3]))
     b = write_jsonl(tmp_path / "b.jsonl", good_lines(TEXTS[3:5]))
     pa = preprocess([str(a)], str(tmp_path / "a"), model, progress=False).outputs[0]

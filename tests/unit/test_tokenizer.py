@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -12,14 +11,6 @@ import pytest
 from megamod.data.spm_train import reservoir_sample, split_sentences
 from megamod.data.tokenizer import EOD_PIECE, Tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def tiny_corpus(path: Path, n_docs: int = 60) -> Path:
@@ -35,7 +26,7 @@ def tiny_corpus(path: Path, n_docs: int = 60) -> Path:
     return path
 
 
-def train(tmp_path: Path, *extra: str, vocab: int = 400) -> Tokenizer:
+def train(load_tool, tmp_path: Path, *extra: str, vocab: int = 400) -> Tokenizer:
     corpus = tiny_corpus(tmp_path / "corpus.jsonl")
     prefix = tmp_path / "tok"
     rc = load_tool("train_tokenizer").main(
@@ -46,8 +37,8 @@ def train(tmp_path: Path, *extra: str, vocab: int = 400) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("tok"))
+def tok(tmp_path_factory, load_tool):
+    return train(load_tool, tmp_path_factory.mktemp("tok"))
 
 
 def test_special_ids(tok):
@@ -89,21 +80,21 @@ def test_pickles_by_path(tok):
     assert clone.encode("the quick fox") == tok.encode("the quick fox")
 
 
-def test_unigram_and_no_pad(tmp_path):
-    t = train(tmp_path, "--model-type", "unigram", "--no-pad", "--special-tokens", "<|user|>",
+def test_unigram_and_no_pad(tmp_path, load_tool):
+    t = train(load_tool, tmp_path, "--model-type", "unigram", "--no-pad", "--special-tokens", "<|user|>",
               vocab=320)
     assert t.pad_id == t.eod_id  # no pad piece: pad with EOD
     assert len(t.encode("<|user|>")) == 1
     assert t.decode(t.encode("def handler_3(event):\n")) == "def handler_3(event):\n"
 
 
-def test_too_small_vocab_names_the_flag(tmp_path, capsys):
+def test_too_small_vocab_names_the_flag(tmp_path, capsys, load_tool):
     with pytest.raises(SystemExit):
-        train(tmp_path, vocab=100)
+        train(load_tool, tmp_path, vocab=100)
     assert "--vocab-size" in capsys.readouterr().err
 
 
-def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path, capsys):
+def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path, capsys, load_tool):
     corpus = tmp_path / "c.txt"
     corpus.write_text("ab ab ab\n")
     rc = load_tool("train_tokenizer").main(
@@ -114,7 +105,7 @@ def test_vocab_too_large_for_corpus_is_a_clear_error(tmp_path, capsys):
     assert not list(tmp_path.glob("t*"))  # no half-written model
 
 
-def test_missing_input_names_the_flag(tmp_path, capsys):
+def test_missing_input_names_the_flag(tmp_path, capsys, load_tool):
     with pytest.raises(SystemExit):
         load_tool("train_tokenizer").main(["--input", str(tmp_path / "nope.jsonl"),
                                            "--model-prefix", str(tmp_path / "t")])
