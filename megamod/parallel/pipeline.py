@@ -156,7 +156,7 @@ def mark_tied_copy(model: GPT) -> None:
 
 
 class PipelineSchedule:
-    """1F1B training steps and forward-only evaluation for this rank's stage."""
+    """1F1B training steps and forward-only evaluation for this rank's stage (pp > 1)."""
 
     def __init__(self, cfg: Config, dims: ParallelDims, model: GPT, engine: Any, loss_fn, device: torch.device):
         c = dims.coords()
@@ -180,10 +180,13 @@ class PipelineSchedule:
         return next(self.model.parameters()).dtype  # the engine's compute dtype (bf16 on GPU)
 
     # ---- point to point -------------------------------------------------------------------------
-    def _exchange(self, send: list[tuple[torch.Tensor, int]], recv: list[int]) -> list[torch.Tensor]:
+    def _exchange(self, send: list[tuple[torch.Tensor, int]], recv: list[int],
+                  like: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Post every send and receive together, then wait for all (send_forward_recv_backward and
-        friends in Megatron): two stages facing each other never both block in a send."""
-        bufs = [torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device) for _ in recv]
+        friends in Megatron): two stages facing each other never both block in a send. Received
+        tensors are activations, or shaped like ``like`` (the tied embedding)."""
+        bufs = [torch.empty(self.act_shape, dtype=self.act_dtype, device=self.device) if like is None
+                else torch.empty_like(like, memory_format=torch.contiguous_format) for _ in recv]
         ops = [dist.P2POp(dist.isend, t.contiguous(), peer, self.group) for t, peer in send]
         ops += [dist.P2POp(dist.irecv, b, peer, self.group) for b, peer in zip(bufs, recv)]
         if ops:
@@ -261,9 +264,9 @@ class PipelineSchedule:
             done += 1
             final = done == m
             extra = None
-            if final and self.tied and self.is_first and self.stages > 1:
+            if final and self.tied and self.is_first:
                 w = self.model.tok_embeddings.weight
-                g_out = self._recv_like(w, self.last_rank)
+                g_out = self._exchange([], [self.last_rank], like=w)[0]
                 extra = (w * g_out).sum()  # the output projection's gradient of the shared matrix
             grad_in = self._backward(x, out, g, extra)
             if not final:
@@ -287,7 +290,7 @@ class PipelineSchedule:
 
         copy = tied_copy(self.model)
         if copy is not None:  # gradient of the shared matrix from the output side, to stage 0
-            self._send_tensor(copy.grad, self.first_rank)
+            self._exchange([(copy.grad, self.first_rank)], [])
             copy.grad = None
         self.engine.step()  # the accumulation boundary: ZeRO reduction, clipping, AdamW
         self.sync_tied_weights()
@@ -306,22 +309,14 @@ class PipelineSchedule:
         return torch.zeros((), device=self.device)
 
     # ---- the tied embedding ---------------------------------------------------------------------
-    def _send_tensor(self, t: torch.Tensor, peer: int) -> None:
-        dist.send(t.detach().contiguous(), peer, group=self.group)
-
-    def _recv_like(self, t: torch.Tensor, peer: int) -> torch.Tensor:
-        buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-        dist.recv(buf, peer, group=self.group)
-        return buf
-
     @torch.no_grad()
     def sync_tied_weights(self) -> None:
         """Stage 0's shared matrix -> the last stage's copy (after every optimizer step, after
         building and after loading a checkpoint). No-op without tied embeddings."""
-        if not self.tied or self.stages == 1:
+        if not self.tied:
             return
         if self.is_first:
-            self._send_tensor(self.model.tok_embeddings.weight, self.last_rank)
+            self._exchange([(self.model.tok_embeddings.weight.detach(), self.last_rank)], [])
         elif self.is_last:
             copy = tied_copy(self.model)
-            copy.copy_(self._recv_like(copy, self.first_rank))
+            copy.copy_(self._exchange([], [self.first_rank], like=copy)[0])
