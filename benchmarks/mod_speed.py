@@ -151,12 +151,14 @@ def _routing_parts(cfg, device, iters: int, compile: bool, profile: str | None =
 
     out = {"dense_block": timed(fwd_bwd(dense), iters), "routed_block": timed(fwd_bwd(routed), iters)}
     if profile:
-        _profile_block(fwd_bwd(routed), device, profile)
+        from train_throughput import _profile  # benchmarks/ is this script's directory
+
+        _profile(fwd_bwd(routed), device, profile, iters=10)
     full_residual = routed.residual
     routed.residual = lambda xs, c, s_, kv=None: xs  # attention + MLP -> identity: routing only
     out["routing_overhead"] = timed(fwd_bwd(routed), iters)
     if profile:  # the routing alone (residual = identity), same table
-        _profile_block(fwd_bwd(routed), device, profile.replace(".block.", ".routing."))
+        _profile(fwd_bwd(routed), device, profile.replace(".block.", ".routing."), iters=10)
     routed.residual = full_residual
 
     def scores():
@@ -179,27 +181,6 @@ def _routing_parts(cfg, device, iters: int, compile: bool, profile: str | None =
     out["take_put"] = timed(take_put, iters)
     routed._stats.clear()
     return out
-
-
-def _profile_block(run, device, path: str) -> None:
-    """Ten profiled forward + backward passes of one block: its kernels by GPU time, and the
-    number of kernel launches per pass (what a launch-bound block pays for)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        for _ in range(10):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    events = prof.key_averages()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
-    with open(path, "w") as f:
-        f.write(f"kernel launches per forward + backward: {launches / 10:.0f}\n\n")
-        f.write(events.table(sort_by=key, row_limit=40, max_name_column_width=90))
-    print(f"block profile: {launches / 10:.0f} launches per fwd+bwd; table in {path}", file=sys.stderr)
 
 
 def child(a) -> dict:
@@ -250,7 +231,7 @@ def child(a) -> dict:
         res["per_routed_block_s"] = _routing_parts(cfg, device, iters=max(3, a.steps), compile=a.compile,
                                                    profile=f"{a.profile}.block.txt" if a.profile else None)
     if a.profile and device.type == "cuda":
-        from train_throughput import _profile  # benchmarks/ is this script's directory
+        from train_throughput import _profile
 
         _profile(lambda: trainer.train_step(batches), device, f"{a.profile}.{a.variant}.txt")
     dist.destroy_process_group()

@@ -133,20 +133,23 @@ def bench_megamod(args, device, zero_stage: int) -> dict:
     return out
 
 
-def _profile(step, device, path: str) -> None:
-    """Three profiled steps; the top kernels and CPU ops by self time go to ``path`` and stdout."""
+def _profile(step, device, path: str, iters: int = 3) -> None:
+    """``iters`` profiled calls of ``step``: kernel launches per call and the top kernels and CPU
+    ops by self time go to ``path``, the totals to stdout."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        for _ in range(3):
+        for _ in range(iters):
             step()
         _sync(device)
+    events = prof.key_averages()
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx"))
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
-    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    table = events.table(sort_by=key, row_limit=60, max_name_column_width=70)
+    cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
     with open(path, "w") as f:
-        f.write(table + "\n\n" + cpu)
+        f.write(f"kernel launches per call: {launches / iters:.0f}\n\n" + table + "\n\n" + cpu)
     print("\n".join(table.splitlines()[-2:]))  # totals; "Self CPU" includes time waiting in synchronize calls
 
 
