@@ -6,6 +6,9 @@
 #   benchmarks/gpu_session.sh moba         -> benchmarks/moba_speed.py: check + the three issue-#7 points, dense
 #                                             included (~150 s: kernels compiled first by 14 processes)
 #   benchmarks/gpu_session.sh moba-sweep   -> moba_speed.py tile-config sweeps per phase (128K/512, 256K/4096)
+#   benchmarks/gpu_session.sh moba-long    -> sweep at 256K/4096/12, then the 1M point with the best configs
+#   benchmarks/gpu_session.sh moba-auto    -> dK/dV sweep at both chunk sizes, then the three points with the best
+#   benchmarks/gpu_session.sh moba-ncu     -> Nsight Compute counters of the fwd, dQ and dK/dV kernels
 #   benchmarks/gpu_session.sh engine       -> train_throughput.py b,c,d,dl + a profile of (c) (issue 9 engine work)
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
@@ -42,6 +45,22 @@ for what in "$@"; do
         moba-sweep) python3 benchmarks/moba_speed.py --warm 14 --points '' \
             --sweep 131072:512:3,262144:4096:12:fwd+dq+kv 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/moba_sweep.log" ;;
+        moba-long) python3 benchmarks/moba_speed.py --warm 14 --check --sweep 262144:4096:12:fwd+dq+kv --auto \
+            --points 1048576:4096:12 --dense-max 0 --json "$OUT/moba_long.json" 2>&1 \
+            | grep --line-buffered -v Warning | tee "$OUT/moba_long.log" ;;
+        moba-auto) python3 benchmarks/moba_speed.py --warm 14 --check --sweep 262144:4096:12:kv,131072:512:3:kv --auto \
+            --points 32768:512:3,131072:512:3,1048576:4096:12 --dense-max "${MOBA_DENSE_MAX:-1048576}" \
+            --json "$OUT/moba_auto.json" --md "$OUT/moba_auto.md" 2>&1 | grep --line-buffered -v Warning \
+            | tee "$OUT/moba_auto.log" ;;
+        moba-ncu)  # hardware counters of the three attention kernels at 128K/4096/12 (one launch each)
+            for k in _dkdv_kernel:1 _dq_past_kernel:1 _fwd_past_kernel:1; do
+                ncu --clock-control none -k "regex:${k%%:*}" -s "${k##*:}" -c 1 --section SpeedOfLight \
+                    --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+                    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+                    python3 benchmarks/moba_speed.py --points 131072:4096:12 --reps 1 --dense-max 0 \
+                    > "$OUT/ncu_${k%%:*}.txt" 2>&1
+                grep -v "^==PROF==" "$OUT/ncu_${k%%:*}.txt" | grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Registers|Occupancy|Shared Memory|Block Limit|Pipe|L2|L1|DRAM" | head -60
+            done ;;
         *) echo "unknown: $what" ;;
     esac
 done

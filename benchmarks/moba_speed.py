@@ -208,11 +208,17 @@ def bench_point(T, B, topk, reps, dense, log, cfg):
 SWEEP = {  # (bm, bn, warps, stages); gate: (bm, nblk, dc, warps, prec, stages)
     "gate": [(64, 32, 4, 4, "tf32x3", 3), (64, 32, 4, 4, "tf32x3", 1), (128, 32, 4, 8, "tf32x3", 2),
              (32, 32, 4, 4, "tf32x3", 2)],
-    "fwd": [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)],
-    "dq": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2)],
-    "kv": [(32, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (64, 128, 8, 2)],
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 2),
+            (64, 128, 4, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)],
+    # kv loads its queries through the sorted token list (an index load, then the q/dO rows):
+    # Triton pipelines such an indirect load only with >= 3 stages
+    "kv": [(32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
+           (64, 64, 8, 2)],
 }
 GATE_KEYS = ("bm", "nblk", "dc", "warps", "prec", "stages")
+PHASE_KEYS = dict(gate=GATE_KEYS, fwd=("bm", "bn", "warps", "stages"), dq=("bm", "bn", "warps", "stages"),
+                  kv=("bm", "bn", "warps", "stages"))
 
 
 def sweep(T, B, topk, log, phases, base):
@@ -227,13 +233,10 @@ def sweep(T, B, topk, log, phases, base):
     best = {}
     for phase in phases:
         for var in SWEEP[phase]:
+            cfg = dict(base, **{f"{phase}_{a}": b for a, b in zip(PHASE_KEYS[phase], var)})
             if phase == "gate":
-                cfg = dict(base, **{f"gate_{a}": b for a, b in zip(GATE_KEYS, var)})
                 fn = lambda: mt._plan(q, k, cu, T, B, topk, cfg)  # noqa: E731
             else:
-                bm, bn, w, st = var
-                cfg = dict(base, **{f"{phase}_bm": bm, f"{phase}_bn": bn, f"{phase}_warps": w,
-                                    f"{phase}_stages": st})
                 if phase == "fwd":
                     fn = lambda: mt._forward(q, k, v, plan, cfg)  # noqa: E731
                 else:
@@ -246,10 +249,9 @@ def sweep(T, B, topk, log, phases, base):
             except Exception as e:  # noqa: BLE001 (out of resources etc.)
                 log(f"sweep T={T} B={B} {phase} {var}: failed {str(e)[:160]}")
     log(f"sweep best T={T} B={B}: {best}")
-    names = dict(gate=GATE_KEYS)
     upd = {}
     for phase, (_, var) in best.items():
-        for key, val in zip(names.get(phase, ("bm", "bn", "warps", "stages")), var):
+        for key, val in zip(PHASE_KEYS[phase], var):
             upd[f"{phase}_{key}"] = val
     return upd
 
@@ -281,9 +283,8 @@ def warm(sweeps, points, overrides, workers, log, with_check=True):
         base = dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)
         for phase in phases:
             for var in SWEEP[phase]:
-                keys = GATE_KEYS if phase == "gate" else ("bm", "bn", "warps", "stages")
                 jobs.append(dict(kind="run", B=B, topk=topk,
-                                 cfg=dict(base, **{f"{phase}_{a}": b for a, b in zip(keys, var)})))
+                                 cfg=dict(base, **{f"{phase}_{a}": b for a, b in zip(PHASE_KEYS[phase], var)})))
     for B, topk in sorted(set(points)):
         jobs.append(dict(kind="run", B=B, topk=topk,
                          cfg=dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)))

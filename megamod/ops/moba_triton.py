@@ -51,13 +51,17 @@ LN2 = 0.6931471805599453
 # gate_stages=1: the tf32x3 gate keeps q and its split in shared memory (98 KB at 1 stage, 131 KB
 # at 3), so one stage lets two programs share an SM: gate+plan 3.40 -> 2.65 ms at 128K (sweep
 # 12:48 UTC); long blocks keep the 3 stages their end-to-end numbers were measured with.
+# dK/dV (session 3 sweep, 14:36 UTC): 3 stages let Triton pipeline the indirect query loads (128K/512
+# backward 16.59 -> 16.11 ms); long blocks take 64 queries x 128 keys, 8 warps (256K/4096 backward
+# 822.7 -> 762.7 ms, 1M fwd+bwd 4588 -> 4345 ms).
 GPU_CFG = dict(
     fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3,
     dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3,
-    kv_bm=32, kv_bn=64, kv_warps=4, kv_stages=2,
+    kv_bm=32, kv_bn=64, kv_warps=4, kv_stages=3,
     gate_bm=64, gate_nblk=32, gate_dc=4, gate_warps=4, gate_prec="tf32x3", gate_stages=1,
 )
-GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3, gate_stages=3)  # chunk >= 2048
+GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3, gate_stages=3,  # chunk >= 2048
+                           kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=2)
 INTERP_CFG = dict(
     fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1,
     dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1,
