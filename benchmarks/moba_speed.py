@@ -62,6 +62,11 @@ CHECK_CASES = [  # lens, chunk, topk, H, Hkv, D, dtype
 ]
 
 
+def gate_prec(cfg, dtype):
+    """The gate variant that runs (moba_plan._gate: bf16split needs bf16 inputs, else tf32x3)."""
+    return "tf32x3" if cfg["gate_prec"] == "bf16split" and dtype != torch.bfloat16 else cfg["gate_prec"]
+
+
 def check(log, only=None, cfgs=None):
     """Kernels vs the dense reference (fp32 math on the same inputs), fresh random inputs.
     cfgs: {chunk: config} for the bf16 cases (the configs the timed points use), else defaults."""
@@ -102,7 +107,7 @@ def check(log, only=None, cfgs=None):
         ok &= good
         log(f"check {str(dt)[6:]:8s} lens={lens} B={B} topk={topk} H={h}/{hkv} D={d}: "
             f"out {errs[0]:.2e} lse {errs[1]:.2e} dq {errs[2]:.2e} dk {errs[3]:.2e} dv {errs[4]:.2e} "
-            f"(tol {tol:g}) picks agree with torch fp32: {(cfg or mt.default_cfg(q, B))['gate_prec']} {agree:.5f}, "
+            f"(tol {tol:g}) picks agree with torch fp32: {gate_prec(cfg or mt.default_cfg(q, B), dt)} {agree:.5f}, "
             f"fma {agree_fma:.5f}, slot order {'ok' if slots_ok else 'WRONG'} -> {'OK' if good else 'FAIL'}")
     return ok
 
@@ -207,7 +212,8 @@ def bench_point(T, B, topk, reps, dense, log, cfg):
 
 SWEEP = {  # (bm, bn, warps, stages); gate: (bm, nblk, dc, warps, prec, stages)
     "gate": [(64, 32, 4, 4, "tf32x3", 3), (64, 32, 4, 4, "tf32x3", 1), (128, 32, 4, 8, "tf32x3", 2),
-             (32, 32, 4, 4, "tf32x3", 2)],
+             (32, 32, 4, 4, "tf32x3", 2), (64, 32, 4, 4, "bf16split", 1), (64, 32, 4, 4, "bf16split", 3),
+             (128, 32, 4, 8, "bf16split", 2), (64, 64, 4, 4, "bf16split", 2), (128, 64, 4, 8, "bf16split", 2)],
     "fwd": [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 8, 2),
             (64, 128, 4, 2)],
     "dq": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3)],

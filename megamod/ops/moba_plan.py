@@ -100,8 +100,10 @@ def _tile_seg_kernel(BOUNDS, TILE_FIRST, TILE_SEG, BM: tl.constexpr, R: tl.const
 
 
 @triton.jit
-def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride_mg, stride_mh,
-                       D, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride_mg, stride_mh, stride_mp,
+                       D, BLOCK_D: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
+    """Mean of K per (block, kv head), fp32; SPLIT: stored as three bf16 parts hi + mid + lo (each the
+    bf16 rounding of what the previous ones leave), which add up to the fp32 mean to ~2^-24."""
     g = tl.program_id(0)
     hk = tl.program_id(1)
     start = tl.load(BLK_START + g).to(tl.int64)
@@ -113,17 +115,30 @@ def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride
         ptr = K + (start + r)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :]
         acc += tl.load(ptr, mask=(r[:, None] < blen) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
     mean = tl.sum(acc, 0) / tl.maximum(blen, 1).to(tl.float32)
-    tl.store(MEAN + g * stride_mg + hk * stride_mh + offs_d, mean, mask=offs_d < D)
+    mptr = MEAN + g * stride_mg + hk * stride_mh + offs_d
+    if SPLIT:
+        hi = mean.to(tl.bfloat16)
+        rest = mean - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        tl.store(mptr, hi, mask=offs_d < D)
+        tl.store(mptr + stride_mp, mid, mask=offs_d < D)
+        tl.store(mptr + 2 * stride_mp, lo, mask=offs_d < D)
+    else:
+        tl.store(mptr, mean, mask=offs_d < D)
 
 
 @triton.jit
-def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, stride_mh, stride_st,
+def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, stride_mh, stride_mp, stride_st,
                  stride_sh, G, D, NBT, CHUNK: tl.constexpr, KS: tl.constexpr, KSP: tl.constexpr,
                  BLOCK_D: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr, DC: tl.constexpr,
                  PREC: tl.constexpr, KEY: tl.constexpr):
     """PREC "fma": exact fp32 products and sums on the CUDA cores, DC dims at a time (tl.dot with
     "ieee" keeps whole rows in registers and spills). "tf32x3"/"bf16x3": tensor cores with fp32
-    operands split in three, fp32 accumulation (error ~1e-6 relative).
+    operands split in three, fp32 accumulation (error ~1e-6 relative). "bf16split" (bf16 q only):
+    q is exact in bf16 and the means come split in three bf16 parts (_block_mean_kernel SPLIT), so
+    three bf16 products, each exact, accumulated in fp32 (smallest part first) give the fp32 score
+    at twice tf32's tensor-core rate, with q kept as loaded (no split per chunk).
 
     Writes SEL[t, h, s]: the global block id of pick s, or -1; with KEY the sort key of the entry
     instead: segment id (h * NBT + block) * KS + s, or NSEG = KS * H * NBT for no pick.
@@ -144,7 +159,9 @@ def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, s
     offs_d = tl.arange(0, BLOCK_D)
     rows = (s0 + pos).to(tl.int64)
     qrow = Q + rows * stride_qt + h * stride_qh  # [BM] row pointers
-    if PREC != "fma":
+    if PREC == "bf16split":
+        q = tl.load(qrow[:, None] + offs_d[None, :], mask=(pos[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+    elif PREC != "fma":
         q = tl.load(qrow[:, None] + offs_d[None, :], mask=(pos[:, None] < L) & (offs_d[None, :] < D),
                     other=0.0).to(tl.float32)
     b0 = tl.load(BLK_FIRST + n)
@@ -166,6 +183,12 @@ def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, s
                 mc = tl.load(mrow[:, None] + dd[None, :], mask=(jj[:, None] < nc) & (dd[None, :] < D),
                              other=0.0)  # [NBLK, DC]
                 sc += tl.sum(qc[:, None, :] * mc[None, :, :], 2)
+        elif PREC == "bf16split":
+            mp = mrow[:, None] + offs_d[None, :]
+            mmask = (jj[:, None] < nc) & (offs_d[None, :] < D)
+            sc = tl.dot(q, tl.trans(tl.load(mp + 2 * stride_mp, mask=mmask, other=0.0)))  # lo
+            sc = tl.dot(q, tl.trans(tl.load(mp + stride_mp, mask=mmask, other=0.0)), sc)  # + mid
+            sc = tl.dot(q, tl.trans(tl.load(mp, mask=mmask, other=0.0)), sc)  # + hi: [BM, NBLK] fp32, unscaled
         else:
             mt = tl.load(mrow[:, None] + offs_d[None, :], mask=(jj[:, None] < nc) & (offs_d[None, :] < D),
                          other=0.0)
@@ -243,15 +266,22 @@ def _gate(q, k, plan, blk_first, cfg, key=False):
     T, H, D = q.shape
     Hkv, N, KS, B, NBT = plan["Hkv"], plan["N"], plan["KS"], plan["B"], plan["NBT"]
     BLOCK_D = triton.next_power_of_2(D)
-    mean = torch.empty(NBT, Hkv, D, dtype=torch.float32, device=q.device)  # [NB, Hkv, D]
+    prec = cfg["gate_prec"]
+    if prec == "bf16split" and q.dtype != torch.bfloat16:  # the split needs q exact in bf16
+        prec = "tf32x3"
+    split = prec == "bf16split"
+    # [NB, Hkv, D] fp32, or [NB, Hkv, 3, D] bf16 parts (hi, mid, lo)
+    mean = torch.empty(NBT, Hkv, *((3, D) if split else (D,)), dtype=torch.bfloat16 if split else torch.float32,
+                       device=q.device)
+    stride_mp = mean.stride(2) if split else 0
     _block_mean_kernel[(NBT, Hkv)](k, mean, plan["blk_start"], plan["blk_len"], k.stride(0), k.stride(1),
-                                   mean.stride(0), mean.stride(1), D, BLOCK_D=BLOCK_D, BR=32)
+                                   mean.stride(0), mean.stride(1), stride_mp, D, BLOCK_D=BLOCK_D, BR=32, SPLIT=split)
     sel = torch.empty(T, H, KS, dtype=torch.int32, device=q.device)
     _gate_kernel[(_cdiv(plan["max_seqlen"], cfg["gate_bm"]), N, H)](
         q, mean, sel, plan["cu"], blk_first, q.stride(0), q.stride(1), mean.stride(0),
-        mean.stride(1), sel.stride(0), sel.stride(1), H // Hkv, D, NBT, CHUNK=B, KS=KS,
+        mean.stride(1), stride_mp, sel.stride(0), sel.stride(1), H // Hkv, D, NBT, CHUNK=B, KS=KS,
         KSP=triton.next_power_of_2(KS), BLOCK_D=BLOCK_D, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
-        DC=cfg["gate_dc"], PREC=cfg["gate_prec"], KEY=key, num_warps=cfg["gate_warps"],
+        DC=cfg["gate_dc"], PREC=prec, KEY=key, num_warps=cfg["gate_warps"],
         num_stages=cfg.get("gate_stages", 3))  # 3: Triton's default, what configs without the key used
     return sel
 

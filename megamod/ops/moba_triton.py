@@ -9,8 +9,9 @@ megamod/ops/moba_plan.py; 4-5 here):
   0. plan kernels         _blocks_kernel: global block table of the packed batch
   1. _block_mean_kernel   mean of K per block                          [NB, Hkv, D] fp32
   2. _gate_kernel         per query tile: fp32 scores against the block means of its
-                          sequence (exact CUDA-core fp32, or tf32x3 tensor-core products: the
-                          default, see GPU_CFG), running top-KS with the lower-index tie rule;
+                          sequence (exact CUDA-core fp32, tf32x3 tensor-core products, or for
+                          bf16 inputs three exact bf16 products against the means split in bf16
+                          parts: see GPU_CFG), running top-KS with the lower-index tie rule;
                           writes only the sort key of each (query, head, slot) entry [T, H, KS]
                           int32 (no [NB, H, T] score tensor). A row with p < KS picks holds them
                           in its last p slots.
@@ -51,6 +52,9 @@ LN2 = 0.6931471805599453
 # gate_stages=1: the tf32x3 gate keeps q and its split in shared memory (98 KB at 1 stage, 131 KB
 # at 3), so one stage lets two programs share an SM: gate+plan 3.40 -> 2.65 ms at 128K (sweep
 # 12:48 UTC); long blocks keep the 3 stages their end-to-end numbers were measured with.
+# Gate "bf16split" for bf16 inputs (q exact in bf16, block means split in three bf16 parts, so three
+# exact bf16 products instead of tf32x3's per-chunk split of q; fp32 inputs fall back to tf32x3):
+# 128K/512 gate+plan 2.63 -> 1.52 ms, 32K 0.47 -> 0.39 ms, picks equal to torch fp32's (16:05 UTC).
 # dK/dV (session 3 sweep, 14:36 UTC): 3 stages let Triton pipeline the indirect query loads (128K/512
 # backward 16.59 -> 16.11 ms); long blocks take 64 queries x 128 keys, 8 warps (256K/4096 backward
 # 822.7 -> 762.7 ms, 1M fwd+bwd 4588 -> 4345 ms).
@@ -58,9 +62,10 @@ GPU_CFG = dict(
     fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3,
     dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3,
     kv_bm=32, kv_bn=64, kv_warps=4, kv_stages=3,
-    gate_bm=64, gate_nblk=32, gate_dc=4, gate_warps=4, gate_prec="tf32x3", gate_stages=1,
+    gate_bm=64, gate_nblk=64, gate_dc=4, gate_warps=4, gate_prec="bf16split", gate_stages=2,
 )
-GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3, gate_stages=3,  # chunk >= 2048
+GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3,  # chunk >= 2048
+                           gate_nblk=32, gate_prec="tf32x3", gate_stages=3,  # as measured at 1M
                            kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=2)
 INTERP_CFG = dict(
     fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1,

@@ -52,6 +52,22 @@ CHILD = textwrap.dedent(
         ref = moba_select_blocks(q, k, cu, B, topk).sort(-1).values
         res[f"picks{i}"] = [bool(torch.equal(picks[p], ref)) for p in ("fma", "tf32x3")]
         res[f"slots{i}"] = slots_ok
+    # the bf16 split of the block means (gate "bf16split"; its bf16 products run on the GPU only:
+    # the interpreter's bf16 dot is not exact): hi + mid + lo must give back the fp32 mean
+    from megamod.ops import moba_plan as mp
+    g = torch.Generator().manual_seed(9)
+    k = (torch.randn(200, 2, 32, generator=g) * 3).bfloat16()
+    cu = torch.tensor([0, 120, 200], dtype=torch.int32)
+    plan = mp._plan(k.new_empty(200, 4, 32), k, cu, 120, 16, 1, dict(mt.INTERP_CFG))
+    nbt = plan["NBT"]
+    parts = torch.empty(nbt, 2, 3, 32, dtype=torch.bfloat16)
+    mean = torch.empty(nbt, 2, 32)
+    for out, split in ((parts, True), (mean, False)):
+        mp._block_mean_kernel[(nbt, 2)](k, out, plan["blk_start"], plan["blk_len"], k.stride(0), k.stride(1),
+                                        out.stride(0), out.stride(1), out.stride(2) if split else 0, 32,
+                                        BLOCK_D=32, BR=32, SPLIT=split)
+    res["split_err"] = (parts.double().sum(2) - mean.double()).abs().max().item() / mean.abs().max().item()
+    res["split_lo_used"] = bool(parts[:, :, 2].float().abs().max() > 0)
     # ties: see test_moba.tie_case (blocks 0 and 17 tie, as do 1..16 and 18; the interpreter's
     # gate scans 16 blocks per chunk, so the ties also cross chunks)
     import sys
@@ -100,3 +116,8 @@ def test_gate_ties_pick_the_lower_block_index(interp):
     ties = interp["ties"]
     assert len(ties) == 16 and all(got == want for got, want in ties), ties
     assert {want for _, want in ties} == {0, 1}  # both ties are exercised
+
+
+def test_block_mean_bf16_split_adds_up_to_the_fp32_mean(interp):
+    # three bf16 parts carry the fp32 mean to ~2^-24 (and the third part is not always zero)
+    assert interp["split_err"] < 2e-7 and interp["split_lo_used"], interp["split_err"]
