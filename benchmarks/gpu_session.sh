@@ -8,8 +8,10 @@
 #   benchmarks/gpu_session.sh moba-sweep   -> moba_speed.py tile-config sweeps per phase (128K/512, 256K/4096)
 #   benchmarks/gpu_session.sh moba-long    -> sweep at 256K/4096/12, then the 1M point with the best configs
 #   benchmarks/gpu_session.sh moba-auto    -> dK/dV sweep at both chunk sizes, then the three points with the best
+#   benchmarks/gpu_session.sh moba-gate    -> gate sweep (tf32x3, bf16split) at 32K and 128K, then those points
 #   benchmarks/gpu_session.sh moba-ncu     -> Nsight Compute counters of the fwd, dQ and dK/dV kernels
 #   benchmarks/gpu_session.sh engine       -> train_throughput.py b,c,d,dl + a profile of (c) (issue 9 engine work)
+#   benchmarks/gpu_session.sh mod-ablate   -> mod_speed.py z0 mb8 with the in-step routing ablation (3 processes)
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
 set -uo pipefail
@@ -29,6 +31,8 @@ for what in "$@"; do
             --json "$OUT/mod_speed_compile_mb8.json" 2>&1 | grep -v Warning | tee "$OUT/mod_speed_compile_mb8.log" ;;
         engine) python3 benchmarks/train_throughput.py --which b,c,d,dl --profile "$OUT/profile_c.txt" \
             --json "$OUT/engine.json" 2>&1 | grep -v Warning | tee "$OUT/engine.log" ;;
+        mod-ablate) python3 benchmarks/mod_speed.py --compile --zero-stage 0 --micro-batch-size 8 --grad-accum 2 \
+            --ablate-routing --json "$OUT/mod_ablate.json" 2>&1 | grep -v Warning | tee "$OUT/mod_ablate.log" ;;
         engine2) python3 benchmarks/train_throughput.py --which b,c,c1 --json "$OUT/engine2.json" 2>&1 \
             | grep -v Warning | tee "$OUT/engine2.log" ;;
         2b) python3 benchmarks/train_throughput.py --which 2b --micro-batch-2b "${MB2B:-4}" --grad-accum-2b "${GA2B:-1}" \
@@ -52,6 +56,9 @@ for what in "$@"; do
             --points 32768:512:3,131072:512:3,1048576:4096:12 --dense-max "${MOBA_DENSE_MAX:-1048576}" \
             --json "$OUT/moba_auto.json" --md "$OUT/moba_auto.md" 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/moba_auto.log" ;;
+        moba-gate) python3 benchmarks/moba_speed.py --warm 14 --check --sweep 131072:512:3:gate,32768:512:3:gate --auto \
+            --points 32768:512:3,131072:512:3 --dense-max 131072 --json "$OUT/moba_gate.json" 2>&1 \
+            | grep --line-buffered -v Warning | tee "$OUT/moba_gate.log" ;;
         moba-ncu)  # hardware counters of the three attention kernels at 128K/4096/12 (one launch each)
             for k in _dkdv_kernel:1 _dq_past_kernel:1 _fwd_past_kernel:1; do
                 ncu --clock-control none -k "regex:${k%%:*}" -s "${k##*:}" -c 1 --section SpeedOfLight \

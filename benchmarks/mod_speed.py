@@ -17,6 +17,13 @@ replaced by the identity, i.e. router, predictor, top-k sort, gather, gate, scat
 statistics, times the number of routed blocks, as a fraction of the MoD step. Also timed alone:
 scores (router + predictor), top-k, gather + scatter; and a full dense / routed block for context.
 
+In-step routing cost (--ablate-routing, a third process): the same MoD model with each routed block's
+routing replaced by fixed positions (the first k tokens of each sequence: no router, predictor,
+top-k, gather, gate, aux losses or statistics; the block's output is one concatenation of the
+updated and the untouched rows, the copy any out-of-place residual update makes). The MoD step
+minus this one is what routing costs inside the step, where the dense blocks' GPU work hides
+host time that the stand-alone timing above counts.
+
 Targets (issue 6, one H100): MoD step >= 1.7x faster than dense; routing overhead < 5% of it.
 For scale: the analytic FLOPs ratio of this pair (1b, seq 2048, full-square attention counted) is
 1.72x, 1.71x with causal attention counted at half, so 1.7x asks for MoD's routed blocks to run
@@ -58,7 +65,9 @@ def _args(argv=None):
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--only-mod", action="store_true", help="run the MoD variant alone (profiling; no ratio)")
     ap.add_argument("--profile", help="profile 3 extra steps of each variant: tables to PROFILE.{dense,mod}.txt")
-    ap.add_argument("--variant", choices=["dense", "mod"], help=argparse.SUPPRESS)  # child process
+    ap.add_argument("--ablate-routing", action="store_true",
+                    help="also time MoD with routing replaced by fixed positions (in-step routing cost)")
+    ap.add_argument("--variant", choices=["dense", "mod", "mod-fixed"], help=argparse.SUPPRESS)  # child process
     a = ap.parse_args(argv)
     d = dict(flavour="debug", seq_len=256, micro_batch_size=2, grad_accum=1, steps=3, warmup=1) if a.tiny else \
         dict(flavour="1b", seq_len=2048, micro_batch_size=4, grad_accum=4, steps=12, warmup=3)
@@ -78,7 +87,7 @@ def _overrides(a) -> list[str]:
            "--train.device", "cpu" if a.tiny else "cuda", "--train.dtype", "fp32" if a.tiny else "bf16"]
     if a.compile:
         out += ["--train.compile", "true"]
-    if a.variant == "mod":
+    if a.variant in ("mod", "mod-fixed"):
         out += ["--mod.enabled", "true", "--mod.capacity", str(a.capacity), "--mod.every", str(a.every)]
     return out
 
@@ -183,6 +192,22 @@ def _routing_parts(cfg, device, iters: int, compile: bool, profile: str | None =
     return out
 
 
+def _fix_routing(model) -> None:
+    """Every routed block takes the first k tokens of each sequence, with no routing machinery
+    (--ablate-routing; see the module docstring). The router and predictor then get no gradient."""
+    import torch
+
+    from megamod.model.mod import capacity_tokens, routed_blocks
+
+    for block in routed_blocks(model).values():
+        def forward(x, cos, sin, kv=None, block=block):
+            k = capacity_tokens(block.capacity, x.shape[1])
+            f = block.residual(x[:, :k], cos[:k], sin[:k])
+            return torch.cat([x[:, :k] + f, x[:, k:]], dim=1)
+
+        block.forward = forward  # before the first call: the compiled block traces this one
+
+
 def child(a) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if a.tiny else "cuda")
     import torch
@@ -205,6 +230,8 @@ def child(a) -> dict:
     dims = ParallelDims(tp=1, cp=1, dp=1, pp=1, rank=0)
     dims.build_groups()
     trainer = Trainer.build(cfg, dims, device)
+    if a.variant == "mod-fixed":
+        _fix_routing(trainer.model)
     batches = micro_batches(trainer.train_data, cfg.train.micro_batch_size, 0, 1, 0)
     times = []
     for i in range(a.warmup + a.steps):
@@ -285,7 +312,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(a)), flush=True)
         return 0
     results = {}
-    for variant in ("mod",) if a.only_mod else ("dense", "mod"):
+    for variant in ("mod",) if a.only_mod else ("dense", "mod") + (("mod-fixed",) if a.ablate_routing else ()):
         cmd = [sys.executable, os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:]),
                "--variant", variant]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))}
@@ -299,6 +326,14 @@ def main(argv=None) -> int:
         print(json.dumps(results["mod"], indent=1))
         return 0
     text, summary = _report(results["dense"], results["mod"])
+    if "mod-fixed" in results:
+        fixed = results["mod-fixed"]
+        summary["mod_fixed"] = fixed
+        summary["routing_in_step_frac"] = (results["mod"]["step_s"] - fixed["step_s"]) / results["mod"]["step_s"]
+        text += (f"\nin-step routing cost: MoD step {results['mod']['step_s'] * 1e3:.1f} ms - the same with fixed "
+                 f"positions {fixed['step_s'] * 1e3:.1f} ms (p10/p90 {_pair(fixed)}) = "
+                 f"{(results['mod']['step_s'] - fixed['step_s']) * 1e3:.1f} ms = "
+                 f"{100 * summary['routing_in_step_frac']:.2f}% of the MoD step")
     print(text)
     ok = summary["speedup"] >= 1.7 and summary["routing_overhead_frac"] < 0.05
     print(f"targets (speedup >= 1.7x, routing overhead < 5%): {'met' if ok else 'NOT met'}"
