@@ -223,8 +223,7 @@ SWEEP = {  # (bm, bn, warps, stages); gate: (bm, nblk, dc, warps, prec, stages)
            (64, 64, 8, 2)],
 }
 GATE_KEYS = ("bm", "nblk", "dc", "warps", "prec", "stages")
-PHASE_KEYS = dict(gate=GATE_KEYS, fwd=("bm", "bn", "warps", "stages"), dq=("bm", "bn", "warps", "stages"),
-                  kv=("bm", "bn", "warps", "stages"))
+PHASE_KEYS = dict(gate=GATE_KEYS, **{p: ("bm", "bn", "warps", "stages") for p in ("fwd", "dq", "kv")})
 
 
 def sweep(T, B, topk, log, phases, base):
@@ -318,6 +317,7 @@ def profile(T, B, topk, log, cfg):
     cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
     for _ in range(2):
         mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg).backward(do)
+        q.grad = k.grad = v.grad = None  # as in the timed runs: no gradient accumulation
     torch.cuda.synchronize()
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         mt.moba_attn_varlen_triton(q, k, v, cu, T, B, topk, cfg=cfg).backward(do)

@@ -54,19 +54,18 @@ LN2 = 0.6931471805599453
 # 12:48 UTC); long blocks keep the 3 stages their end-to-end numbers were measured with.
 # Gate "bf16split" for bf16 inputs (q exact in bf16, block means split in three bf16 parts, so three
 # exact bf16 products instead of tf32x3's per-chunk split of q; fp32 inputs fall back to tf32x3):
-# 128K/512 gate+plan 2.63 -> 1.52 ms, 32K 0.47 -> 0.39 ms, picks equal to torch fp32's (16:05 UTC).
-# dK/dV (session 3 sweep, 14:36 UTC): 3 stages let Triton pipeline the indirect query loads (128K/512
-# backward 16.59 -> 16.11 ms); long blocks take 64 queries x 128 keys, 8 warps (256K/4096 backward
-# 822.7 -> 762.7 ms, 1M fwd+bwd 4588 -> 4345 ms).
+# 128K/512 gate+plan 2.63 -> 1.52 ms, 32K 0.47 -> 0.39 ms, picks equal to torch fp32's (14:58 UTC).
+# dK/dV (session 3): 64 queries x 128 keys, 8 warps, 3 stages at every chunk size, after its loop lost
+# its per-element masks and 64-bit offsets (_kv_inner): backward 822.7 -> 681.2 ms at 256K/4096 and
+# 16.59 -> 15.06 ms at 128K/512 (sweep 15:29 UTC); fp32 inputs keep the old tile (shared memory).
 GPU_CFG = dict(
     fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3,
     dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3,
-    kv_bm=32, kv_bn=64, kv_warps=4, kv_stages=3,
+    kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=3,
     gate_bm=64, gate_nblk=64, gate_dc=4, gate_warps=4, gate_prec="bf16split", gate_stages=2,
 )
 GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3,  # chunk >= 2048
-                           gate_nblk=32, gate_prec="tf32x3", gate_stages=3,  # as measured at 1M
-                           kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=2)
+                           gate_nblk=32, gate_prec="tf32x3", gate_stages=3)  # as measured at 1M
 INTERP_CFG = dict(
     fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1,
     dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1,
@@ -338,22 +337,32 @@ def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ, TOK, SEG_START, TILE_SEG, TILE_
 @triton.jit
 def _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, tok0, row0, m_lo, m_hi, offs_n, h, stride_qt, stride_qh,
               stride_lt, offs_d, D, qk_scale, BM: tl.constexpr, GATHER: tl.constexpr, CAUSAL: tl.constexpr,
-              PREC: tl.constexpr):
+              PREC: tl.constexpr, EVEN_D: tl.constexpr, ROW64: tl.constexpr):
     """Accumulate dK, dV of one key tile over query rows [m_lo, m_hi): contiguous tokens row0 + m,
-    or (GATHER) the tokens TOK[tok0 + m]. CAUSAL: local query position m >= key position."""
+    or (GATHER) the tokens TOK[tok0 + m]. CAUSAL: local query position m >= key position.
+
+    The loop is instruction-bound, so it carries no per-element masks: rows past m_hi repeat the
+    last row (always a valid address) and get lse = +inf, so their p, and with it their dS, is 0;
+    offsets are int32 unless ROW64 (q, or the sorted entry list, over 2^31 elements); EVEN_D: D is
+    the tile width."""
     for m0 in range(m_lo, m_hi, BM):
         m = m0 + tl.arange(0, BM)
-        ok = m < m_hi
+        mc = tl.minimum(m, m_hi - 1)
         if GATHER:
-            rows = tl.load(TOK + tok0 + m, mask=ok, other=0).to(tl.int64)
+            rows = tl.load(TOK + tok0 + mc)
         else:
-            rows = (row0 + m).to(tl.int64)
-        qmask = ok[:, None] & (offs_d[None, :] < D)
+            rows = row0 + mc
+        if ROW64:
+            rows = rows.to(tl.int64)
         qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
-        q = tl.load(Q + qp, mask=qmask, other=0.0)
-        do = tl.load(DO + qp, mask=qmask, other=0.0)
-        lse2 = tl.load(LSE + rows * stride_lt + h, mask=ok, other=float("inf"))
-        delta = tl.load(DELTA + rows * stride_lt + h, mask=ok, other=0.0)
+        if EVEN_D:
+            q = tl.load(Q + qp)
+            do = tl.load(DO + qp)
+        else:
+            q = tl.load(Q + qp, mask=offs_d[None, :] < D, other=0.0)
+            do = tl.load(DO + qp, mask=offs_d[None, :] < D, other=0.0)
+        lse2 = tl.where(m < m_hi, tl.load(LSE + rows * stride_lt + h), float("inf"))
+        delta = tl.load(DELTA + rows * stride_lt + h)
         pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse2[None, :])  # [BN, BM]
         if CAUSAL:
             pT = tl.where(m[None, :] >= offs_n[:, None], pT, 0.0)
@@ -367,7 +376,8 @@ def _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, tok0, row0, m_lo, m_hi, offs
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK_LEN, H, NBT, NKT,
                  KS, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, G, D,
-                 BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                 EVEN_D: tl.constexpr, ROW64: tl.constexpr):
     """dK, dV of BN keys of block g for kv head hk: own-block queries (causal), then every
     segment (slot s, head h, block g) of queries that picked g, for the G query heads of hk."""
     pid = tl.program_id(0)
@@ -390,14 +400,19 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK
         h = hk * G + hh
         # own block: rows on the diagonal (masked), then the later rows of the block
         dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo, tl.minimum(n_lo + BN, blen),
-                           offs_n, h, stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, True, PREC)
+                           offs_n, h, stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, True, PREC,
+                           EVEN_D, ROW64)
         dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo + BN, blen, offs_n, h,
-                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, False, PREC)
+                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, False, PREC, EVEN_D,
+                           ROW64)
         # all slots of (h, g) are one contiguous run of the sorted entries
         lo = tl.load(SEG_START + (h * NBT + g) * KS)
         hi = tl.load(SEG_START + (h * NBT + g) * KS + KS)
-        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, lo.to(tl.int64), 0, 0, hi - lo, offs_n, h,
-                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, True, False, PREC)
+        if ROW64:
+            lo = lo.to(tl.int64)
+        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, lo, 0, 0, hi - lo, offs_n, h,
+                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, True, False, PREC, EVEN_D,
+                           ROW64)
     tl.store(DK + kp, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + kp, dv.to(DV.dtype.element_ty), mask=kmask)
 
@@ -411,8 +426,8 @@ def default_cfg(q, chunk):
     if not q.is_cuda:
         return INTERP_CFG
     cfg = dict(GPU_CFG, **GPU_CFG_LONG_BLOCKS) if chunk >= 2048 else dict(GPU_CFG)
-    if q.dtype == torch.float32:  # 4-byte tiles: the bf16 dQ pipeline would need 288 KB of shared memory
-        cfg.update(dq_bm=64, dq_warps=4, dq_stages=2)
+    if q.dtype == torch.float32:  # 4-byte tiles: the bf16 dQ / dK-dV pipelines would not fit in shared memory
+        cfg.update(dq_bm=64, dq_warps=4, dq_stages=2, kv_bm=32, kv_bn=64, kv_warps=4, kv_stages=2)
     return cfg
 
 
@@ -506,7 +521,8 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
         q, k, v, dout, lse2, delta, dk, dv, tok, bounds,
         plan["blk_start"], plan["blk_len"], H, NBT, NKT, KS, qk_scale, sm_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        PREC=prec, num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
+        PREC=prec, EVEN_D=D == BLOCK_D, ROW64=max(q.numel(), tok.numel()) > 2**31, num_warps=cfg["kv_warps"],
+        num_stages=cfg["kv_stages"])
     return dq, dk, dv
 
 
