@@ -1,10 +1,17 @@
-"""Probe: how much of dK/dV's time is the gathered (indexed) query stream? Times the backward's
-kernels with the real sorted token list and with the same list replaced by contiguous runs."""
-import sys, os
-sys.path.insert(0, os.getcwd())
+"""Probe (one GPU): how much of dK/dV's time is the gathered (indexed) query stream? Times the
+backward's kernels with the real sorted token list and with the same list replaced by contiguous
+runs (values then meaningless, work and shapes the same). Result: benchmarks/results/moba_speed.md.
+
+  python benchmarks/moba_gather_probe.py
+"""
+import os
+import sys
+
 import torch
-from torch.profiler import profile, ProfilerActivity
-from megamod.ops import moba_triton as mt
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from megamod.ops import moba_triton as mt  # noqa: E402
 
 H, D = 16, 128
 for T, B, topk in ((131072, 512, 3), (262144, 4096, 12)):
