@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from megamod.ops import moba_triton as mt  # noqa: E402
+from megamod.ops.moba_plan import gate_precision  # noqa: E402
 from megamod.ops.moba import moba_attn_varlen_reference, moba_select_blocks  # noqa: E402
 
 H, D = 16, 128
@@ -60,11 +61,6 @@ CHECK_CASES = [  # lens, chunk, topk, H, Hkv, D, dtype
     ([777, 1290], 100, 3, 4, 4, 96, torch.float32),
     ([8192], 4096, 12, 16, 16, 128, torch.bfloat16),  # the long-block kernels (1M point's configs)
 ]
-
-
-def gate_prec(cfg, dtype):
-    """The gate variant that runs (moba_plan._gate: bf16split needs bf16 inputs, else tf32x3)."""
-    return "tf32x3" if cfg["gate_prec"] == "bf16split" and dtype != torch.bfloat16 else cfg["gate_prec"]
 
 
 def check(log, only=None, cfgs=None):
@@ -107,7 +103,7 @@ def check(log, only=None, cfgs=None):
         ok &= good
         log(f"check {str(dt)[6:]:8s} lens={lens} B={B} topk={topk} H={h}/{hkv} D={d}: "
             f"out {errs[0]:.2e} lse {errs[1]:.2e} dq {errs[2]:.2e} dk {errs[3]:.2e} dv {errs[4]:.2e} "
-            f"(tol {tol:g}) picks agree with torch fp32: {gate_prec(cfg or mt.default_cfg(q, B), dt)} {agree:.5f}, "
+            f"(tol {tol:g}) picks agree with torch fp32: {gate_precision(cfg or mt.default_cfg(q, B), dt)} {agree:.5f}, "
             f"fma {agree_fma:.5f}, slot order {'ok' if slots_ok else 'WRONG'} -> {'OK' if good else 'FAIL'}")
     return ok
 

@@ -100,6 +100,18 @@ def _tile_seg_kernel(BOUNDS, TILE_FIRST, TILE_SEG, BM: tl.constexpr, R: tl.const
 
 
 @triton.jit
+def _query_tile(CU, BM: tl.constexpr):
+    """Grid (query tiles, sequences, heads) over a packed batch: this program's sequence n, head h,
+    the sequence's first row s0 and length L, the tile's first position m0 and its BM positions
+    (inside the sequence) and rows (in the packed batch, int64). The caller returns if m0 >= L."""
+    n = tl.program_id(1)
+    s0 = tl.load(CU + n)
+    m0 = tl.program_id(0) * BM
+    pos = m0 + tl.arange(0, BM)
+    return n, tl.program_id(2), s0, tl.load(CU + n + 1) - s0, m0, pos, (s0 + pos).to(tl.int64)
+
+
+@triton.jit
 def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride_mg, stride_mh, stride_mp,
                        D, BLOCK_D: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
     """Mean of K per (block, kv head), fp32; SPLIT: stored as three bf16 parts hi + mid + lo (each the
@@ -146,24 +158,16 @@ def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, s
     slots, because an empty slot is filled from the highest column down and a filled slot never
     empties. p = min(KS, t // CHUNK) for the row at position t: every competing block is picked
     when fewer than KS compete (scores are finite)."""
-    pid_m = tl.program_id(0)
-    n = tl.program_id(1)
-    h = tl.program_id(2)
-    s0 = tl.load(CU + n)
-    L = tl.load(CU + n + 1) - s0
-    m0 = pid_m * BM
+    n, h, s0, L, m0, pos, rows = _query_tile(CU, BM)
     if m0 >= L:
         return
-    pos = m0 + tl.arange(0, BM)  # [BM] position inside the sequence
     own = pos // CHUNK  # block j competes for row r iff j < own[r]  ((j+1)B <= t)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = (s0 + pos).to(tl.int64)
     qrow = Q + rows * stride_qt + h * stride_qh  # [BM] row pointers
-    if PREC == "bf16split":
+    if PREC != "fma":
         q = tl.load(qrow[:, None] + offs_d[None, :], mask=(pos[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-    elif PREC != "fma":
-        q = tl.load(qrow[:, None] + offs_d[None, :], mask=(pos[:, None] < L) & (offs_d[None, :] < D),
-                    other=0.0).to(tl.float32)
+        if PREC != "bf16split":  # bf16split multiplies q as loaded (exact in bf16)
+            q = q.to(tl.float32)
     b0 = tl.load(BLK_FIRST + n)
     nc = (tl.minimum(L, m0 + BM) - 1) // CHUNK  # blocks 0..nc-1 compete for some row
     cols = tl.arange(0, KSP)
@@ -260,15 +264,20 @@ def _plan(q, k, cu, max_seqlen, B, topk, cfg):
     return plan
 
 
+def gate_precision(cfg, dtype: torch.dtype) -> str:
+    """The gate variant that runs for inputs of ``dtype``: "bf16split" needs q exact in bf16, so
+    other dtypes get "tf32x3" in its place."""
+    prec = cfg["gate_prec"]
+    return "tf32x3" if prec == "bf16split" and dtype != torch.bfloat16 else prec
+
+
 def _gate(q, k, plan, blk_first, cfg, key=False):
     """[T, H, KS] int32 picks of the Triton gate (global block ids, -1 = none), or with key the
     sort keys of the entries (see _gate_kernel)."""
     T, H, D = q.shape
     Hkv, N, KS, B, NBT = plan["Hkv"], plan["N"], plan["KS"], plan["B"], plan["NBT"]
     BLOCK_D = triton.next_power_of_2(D)
-    prec = cfg["gate_prec"]
-    if prec == "bf16split" and q.dtype != torch.bfloat16:  # the split needs q exact in bf16
-        prec = "tf32x3"
+    prec = gate_precision(cfg, q.dtype)
     split = prec == "bf16split"
     # [NB, Hkv, D] fp32, or [NB, Hkv, 3, D] bf16 parts (hi, mid, lo)
     mean = torch.empty(NBT, Hkv, *((3, D) if split else (D,)), dtype=torch.bfloat16 if split else torch.float32,

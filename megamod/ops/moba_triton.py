@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamod.ops.moba_plan import _cdiv, _gate, _plan, _tiles  # noqa: F401 (also used by tests, benchmarks)
+from megamod.ops.moba_plan import _cdiv, _gate, _plan, _query_tile, _tiles  # noqa: F401 (also tests, benchmarks)
 from megamod.ops.moba_plan import _block_mean_kernel, _gate_kernel  # noqa: F401 (benchmarks/moba_ptxas_report.py)
 
 LOG2E = 1.4426950408889634
@@ -122,17 +122,10 @@ def _fwd_own_kernel(Q, K, V, O32, OUT, LSE, CU, qk_scale, stride_qt, stride_qh, 
     """Causal attention inside the own block, run after the slot passes: MERGE folds in their
     fp32 state (o, lse2) for the rows that have picks (position >= CHUNK), then writes the final
     output in OUT's dtype and lse2 (O32 and OUT share strides; they may be the same tensor)."""
-    pid_m = tl.program_id(0)
-    n = tl.program_id(1)
-    h = tl.program_id(2)
-    s0 = tl.load(CU + n)
-    L = tl.load(CU + n + 1) - s0
-    m0 = pid_m * BM
+    n, h, s0, L, m0, pos, rows = _query_tile(CU, BM)
     if m0 >= L:
         return
-    pos = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = (s0 + pos).to(tl.int64)
     qmask = (pos[:, None] < L) & (offs_d[None, :] < D)
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
@@ -261,17 +254,10 @@ def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, CU, qk_scale, sm_scale, st
     """dQ from the own block, run after the slot passes: MERGE adds their fp32 dQ for the rows
     with picks (position >= CHUNK); writes dQ in DQ's dtype (q, dO, DQ32, DQ share the [T, H, D]
     strides; DQ32 and DQ may be the same tensor)."""
-    pid_m = tl.program_id(0)
-    n = tl.program_id(1)
-    h = tl.program_id(2)
-    s0 = tl.load(CU + n)
-    L = tl.load(CU + n + 1) - s0
-    m0 = pid_m * BM
+    n, h, s0, L, m0, pos, rows = _query_tile(CU, BM)
     if m0 >= L:
         return
-    pos = m0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BLOCK_D)
-    rows = (s0 + pos).to(tl.int64)
     qmask = (pos[:, None] < L) & (offs_d[None, :] < D)
     qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
     q = tl.load(Q + qp, mask=qmask, other=0.0)
