@@ -13,6 +13,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import megamod.ops.moba_backward as mb  # noqa: E402
+import megamod.ops.moba_plan as mp  # noqa: E402
 import megamod.ops.moba_triton as mt  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
@@ -20,14 +22,14 @@ PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "DK": "*bf16", "
        "DQ": "*fp32", "MEAN": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32"}
 
 
-def report(fn, const, num_warps, num_stages=3, floats=()):
+def report(fn, const, num_warps, num_stages=3, floats=(), ptr=None):
     names = fn.arg_names
     sig = {}
     for n in names:
         if n in const:
             sig[n] = "constexpr"
-        elif n in PTR:
-            sig[n] = PTR[n]
+        elif n in {**PTR, **(ptr or {})}:
+            sig[n] = {**PTR, **(ptr or {})}[n]
         elif n.isupper() and n not in ("G", "D", "H", "KS", "NBT", "NKT"):
             sig[n] = "*i32"
         elif n in floats:
@@ -47,13 +49,15 @@ def report(fn, const, num_warps, num_stages=3, floats=()):
 if __name__ == "__main__":
     fs = ("qk_scale", "sm_scale")
     cfg = mt.GPU_CFG
-    report(mt._gate_kernel, dict(CHUNK=512, KS=2, KSP=2, BLOCK_D=128, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
-                                 DC=cfg["gate_dc"], PREC=cfg["gate_prec"]), cfg["gate_warps"])
-    for kern, pre in ((mt._fwd_own_kernel, "fwd"), (mt._dq_own_kernel, "dq")):
+    bf16_mean = {"MEAN": "*bf16"} if cfg["gate_prec"] == "bf16split" else None  # means as three bf16 parts
+    report(mp._gate_kernel, dict(CHUNK=512, KS=2, KSP=2, BLOCK_D=128, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
+                                 DC=cfg["gate_dc"], PREC=cfg["gate_prec"], KEY=True), cfg["gate_warps"],
+           cfg["gate_stages"], ptr=bf16_mean)
+    for kern, pre in ((mt._fwd_own_kernel, "fwd"), (mb._dq_own_kernel, "dq")):
         report(kern, dict(CHUNK=512, BLOCK_D=128, BM=cfg[f"{pre}_bm"], BN=cfg[f"{pre}_bn"], ALIGNED=True, PREC="tf32"),
                cfg[f"{pre}_warps"], cfg[f"{pre}_stages"], fs)
-    for kern, pre in ((mt._fwd_past_kernel, "fwd"), (mt._dq_past_kernel, "dq")):
-        report(kern, dict(CHUNK=512, BLOCK_D=128, BM=cfg[f"{pre}_bm"], BN=cfg[f"{pre}_bn"], EVEN=True, PREC="tf32"),
-               cfg[f"{pre}_warps"], cfg[f"{pre}_stages"], fs)
-    report(mt._dkdv_kernel, dict(BLOCK_D=128, BM=cfg["kv_bm"], BN=cfg["kv_bn"], PREC="tf32"), cfg["kv_warps"],
-           cfg["kv_stages"], fs)
+    for kern, pre in ((mt._fwd_past_kernel, "fwd"), (mb._dq_past_kernel, "dq")):
+        report(kern, dict(CHUNK=512, BLOCK_D=128, BM=cfg[f"{pre}_bm"], BN=cfg[f"{pre}_bn"], EVEN=True, FIRST=False,
+                          PREC="tf32"), cfg[f"{pre}_warps"], cfg[f"{pre}_stages"], fs)
+    report(mb._dkdv_kernel, dict(BLOCK_D=128, BM=cfg["kv_bm"], BN=cfg["kv_bn"], PREC="tf32", EVEN_D=True, ROW64=False),
+           cfg["kv_warps"], cfg["kv_stages"], fs)

@@ -1,9 +1,10 @@
 """MoBA on the GPU, part 1: the plan — which block every query picks, and the work lists.
 
 Steps 0-3 of megamod/ops/moba_triton.py's docstring (the attention kernels that consume the plan
-live there): the block table of the packed batch, the block means of K, the gate (fp32 scores
-against the block means, running top-KS, sort keys of the (query, head, slot) entries), the sort
-of the entries into per-(head, block, slot) segments, and the tile schedule of the slot passes.
+live there and in moba_backward.py): the block table of the packed batch, the block means of K, the
+gate (fp32 scores against the block means, running top-KS, sort keys of the (query, head, slot)
+entries), the sort of the entries into per-(head, block, slot) segments, and the tile schedule of
+the slot passes; also what the forward and backward kernels share (_query_tile, _prec, LOG2E).
 All device work, a few launches, no host synchronisation.
 """
 from __future__ import annotations
@@ -97,6 +98,14 @@ def _tile_seg_kernel(BOUNDS, TILE_FIRST, TILE_SEG, BM: tl.constexpr, R: tl.const
 # ----------------------------------------------------------------------------------------
 # gating
 # ----------------------------------------------------------------------------------------
+
+
+LOG2E = 1.4426950408889634  # the kernels work in base 2, log2(e) folded into the scale
+
+
+def _prec(dtype):
+    """tl.dot input precision of the attention kernels: exact fp32 products for fp32 inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit

@@ -1,0 +1,257 @@
+"""MoBA on the GPU, part 3: the exact backward (step 5 of megamod/ops/moba_triton.py's docstring).
+
+delta = rowsum(dO * O) - dlse; dQ like the forward (slot passes KS-1 .. 0 into fp32, then the own
+block, which adds them and writes dq); dK/dV per (block, key tile, kv head): own-block queries,
+then every segment that picked the block, for each query head of the GQA group. No atomics, so
+results are deterministic. Tile configs: moba_triton.GPU_CFG.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megamod.ops.moba_plan import LOG2E, _cdiv, _prec, _query_tile, _tiles
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DLSE, DELTA, n_rows, D, BLOCK_D: tl.constexpr, BR: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse over the flat [T*H, D] rows (both contiguous)."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (r[:, None] < n_rows) & (offs_d[None, :] < D)
+    ptr = r.to(tl.int64)[:, None] * D + offs_d[None, :]
+    o = tl.load(O + ptr, mask=msk, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptr, mask=msk, other=0.0).to(tl.float32)
+    dl = tl.load(DLSE + r, mask=r < n_rows, other=0.0)
+    tl.store(DELTA + r, tl.sum(o * do, 1) - dl, mask=r < n_rows)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d, D, qk_scale,
+              BN: tl.constexpr, CAUSAL: tl.constexpr, SAME_BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+              KMASK: tl.constexpr, PREC: tl.constexpr):
+    for n0 in range(n_lo, n_hi, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        kmask = offs_d[None, :] < D
+        if KMASK:
+            kmask = kmask & (offs_n[:, None] < n_hi)
+        kp = offs_n[:, None] * stride_kt + offs_d[None, :]  # int32: inside one block's span
+        k = tl.load(Kb + kp, mask=kmask, other=0.0)
+        v = tl.load(Vb + kp, mask=kmask, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse2[:, None])
+        if CAUSAL:
+            vis = (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < n_hi)
+            if SAME_BLOCK:
+                vis = vis & ((offs_n[None, :] // CHUNK) == (pos[:, None] // CHUNK))
+            p = tl.where(vis, p, 0.0)
+        elif KMASK:
+            p = tl.where(offs_n[None, :] < n_hi, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, CU, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt,
+                   stride_kh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, ALIGNED: tl.constexpr, MERGE: tl.constexpr, PREC: tl.constexpr):
+    """dQ from the own block, run after the slot passes: MERGE adds their fp32 dQ for the rows
+    with picks (position >= CHUNK); writes dQ in DQ's dtype (q, dO, DQ32, DQ share the [T, H, D]
+    strides; DQ32 and DQ may be the same tensor)."""
+    n, h, s0, L, m0, pos, rows = _query_tile(CU, BM)
+    if m0 >= L:
+        return
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = (pos[:, None] < L) & (offs_d[None, :] < D)
+    qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + qp, mask=qmask, other=0.0)
+    do = tl.load(DO + qp, mask=qmask, other=0.0)
+    lse2 = tl.load(LSE + rows * stride_lt + h, mask=pos < L, other=float("inf"))
+    delta = tl.load(DELTA + rows * stride_lt + h, mask=pos < L, other=0.0)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    blk_lo = (m0 // CHUNK) * CHUNK
+    kv_base = (s0 + blk_lo).to(tl.int64) * stride_kt + (h // G) * stride_kh
+    Kb = K + kv_base
+    Vb = V + kv_base
+    rel = pos - blk_lo
+    hi = tl.minimum(L, m0 + BM) - blk_lo
+    if ALIGNED:
+        dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, 0, m0 - blk_lo, rel, stride_kt, offs_d, D, qk_scale,
+                       BN, False, False, CHUNK, False, PREC)
+        dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, m0 - blk_lo, hi, rel, stride_kt, offs_d, D, qk_scale,
+                       BN, True, False, CHUNK, True, PREC)
+    else:
+        dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, 0, hi, rel, stride_kt, offs_d, D, qk_scale,
+                       BN, True, True, CHUNK, True, PREC)
+    dq = dq * sm_scale
+    if MERGE:
+        dq += tl.load(DQ32 + qp, mask=qmask & (pos >= CHUNK)[:, None], other=0.0)
+    tl.store(DQ + qp, dq.to(DQ.dtype.element_ty), mask=qmask)
+
+
+@triton.jit(do_not_specialize=["s"])
+def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO,
+                    BLK_START, s, KS, NBT, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh,
+                    stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+                    BN: tl.constexpr, EVEN: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr):
+    """Slot pass s of dQ: adds the picked block's contribution into the fp32 dQ rows (FIRST, the
+    pass of slot KS-1: writes them, see _fwd_past_kernel)."""
+    tile = tl.load(PASS_LO + s) + tl.program_id(0)
+    if tile >= tl.load(PASS_LO + s + 1):
+        return
+    seg = tl.load(TILE_SEG + tile)
+    r = (tile - tl.load(TILE_FIRST + seg)) * BM + tl.arange(0, BM)
+    g = (seg // KS) % NBT  # seg = (h * NBT + g) * KS + s
+    h = seg // (KS * NBT)
+    seg_lo = tl.load(SEG_START + seg)
+    ok = r < tl.load(SEG_START + seg + 1) - seg_lo
+    rows = tl.load(TOK + seg_lo.to(tl.int64) + r, mask=ok, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    qmask = ok[:, None] & (offs_d[None, :] < D)
+    qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+    q = tl.load(Q + qp, mask=qmask, other=0.0)
+    do = tl.load(DO + qp, mask=qmask, other=0.0)
+    lse2 = tl.load(LSE + rows * stride_lt + h, mask=ok, other=float("inf"))
+    delta = tl.load(DELTA + rows * stride_lt + h, mask=ok, other=0.0)
+    dq = tl.zeros([BM, BLOCK_D], tl.float32)
+    kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
+    dq = _dq_inner(dq, q, do, lse2, delta, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
+                   qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
+    if FIRST:
+        tl.store(DQ + qp, dq * sm_scale, mask=qmask)
+    else:
+        dq_a = tl.load(DQ + qp, mask=qmask, other=0.0)
+        tl.store(DQ + qp, dq_a + dq * sm_scale, mask=qmask)
+
+
+@triton.jit
+def _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, tok0, row0, m_lo, m_hi, offs_n, h, stride_qt, stride_qh,
+              stride_lt, offs_d, D, qk_scale, BM: tl.constexpr, GATHER: tl.constexpr, CAUSAL: tl.constexpr,
+              PREC: tl.constexpr, EVEN_D: tl.constexpr, ROW64: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query rows [m_lo, m_hi): contiguous tokens row0 + m,
+    or (GATHER) the tokens TOK[tok0 + m]. CAUSAL: local query position m >= key position.
+
+    The loop is instruction-bound, so it carries no per-element masks: rows past m_hi repeat the
+    last row (always a valid address) and get lse = +inf, so their p, and with it their dS, is 0;
+    offsets are int32 unless ROW64 (q, or the sorted entry list, over 2^31 elements); EVEN_D: D is
+    the tile width."""
+    for m0 in range(m_lo, m_hi, BM):
+        m = m0 + tl.arange(0, BM)
+        mc = tl.minimum(m, m_hi - 1)
+        if GATHER:
+            rows = tl.load(TOK + tok0 + mc)
+        else:
+            rows = row0 + mc
+        if ROW64:
+            rows = rows.to(tl.int64)
+        qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
+        if EVEN_D:
+            q = tl.load(Q + qp)
+            do = tl.load(DO + qp)
+        else:
+            q = tl.load(Q + qp, mask=offs_d[None, :] < D, other=0.0)
+            do = tl.load(DO + qp, mask=offs_d[None, :] < D, other=0.0)
+        lse2 = tl.where(m < m_hi, tl.load(LSE + rows * stride_lt + h), float("inf"))
+        delta = tl.load(DELTA + rows * stride_lt + h)
+        pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale - lse2[None, :])  # [BN, BM]
+        if CAUSAL:
+            pT = tl.where(m[None, :] >= offs_n[:, None], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK_LEN, H, NBT, NKT,
+                 KS, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, G, D,
+                 BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                 EVEN_D: tl.constexpr, ROW64: tl.constexpr):
+    """dK, dV of BN keys of block g for kv head hk: own-block queries (causal), then every
+    segment (slot s, head h, block g) of queries that picked g, for the G query heads of hk."""
+    pid = tl.program_id(0)
+    g = pid // NKT
+    n_lo = (pid % NKT) * BN
+    hk = tl.program_id(1)
+    blen = tl.load(BLK_LEN + g)
+    if n_lo >= blen:
+        return
+    start = tl.load(BLK_START + g)
+    offs_n = n_lo + tl.arange(0, BN)
+    offs_d = tl.arange(0, BLOCK_D)
+    kmask = (offs_n[:, None] < blen) & (offs_d[None, :] < D)
+    kp = (start + offs_n).to(tl.int64)[:, None] * stride_kt + hk * stride_kh + offs_d[None, :]
+    k = tl.load(K + kp, mask=kmask, other=0.0)
+    v = tl.load(V + kp, mask=kmask, other=0.0)
+    dk = tl.zeros([BN, BLOCK_D], tl.float32)
+    dv = tl.zeros([BN, BLOCK_D], tl.float32)
+    for hh in range(G):
+        h = hk * G + hh
+        # own block: rows on the diagonal (masked), then the later rows of the block
+        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo, tl.minimum(n_lo + BN, blen),
+                           offs_n, h, stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, True, PREC,
+                           EVEN_D, ROW64)
+        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo + BN, blen, offs_n, h,
+                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, False, PREC, EVEN_D,
+                           ROW64)
+        # all slots of (h, g) are one contiguous run of the sorted entries
+        lo = tl.load(SEG_START + (h * NBT + g) * KS)
+        hi = tl.load(SEG_START + (h * NBT + g) * KS + KS)
+        if ROW64:
+            lo = lo.to(tl.int64)
+        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, lo, 0, 0, hi - lo, offs_n, h,
+                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, True, False, PREC, EVEN_D,
+                           ROW64)
+    tl.store(DK + kp, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + kp, dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
+    T, H, D, N, KS, B, NBT = (plan[x] for x in ("T", "H", "D", "N", "KS", "B", "NBT"))
+    Hkv = plan["Hkv"]
+    G = H // Hkv
+    BLOCK_D = triton.next_power_of_2(D)
+    sm_scale = D**-0.5
+    qk_scale = sm_scale * LOG2E
+    prec = _prec(q.dtype)
+    dout = dout.contiguous()
+    delta = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    dlse = torch.zeros_like(delta) if dlse is None else dlse.contiguous().float()
+    _bwd_delta_kernel[(_cdiv(T * H, 64),)](out, dout, dlse, delta, T * H, D, BLOCK_D=BLOCK_D, BR=64)
+    # dQ: one pass per slot (KS-1 first: it writes the fp32 rows), then the own block, which adds
+    # them and writes dq in q's dtype
+    dq = torch.empty_like(q)
+    dq32 = dq if (q.dtype == torch.float32 or KS == 0) else torch.empty(T, H, D, dtype=torch.float32,
+                                                                        device=q.device)
+    BM, BN = cfg["dq_bm"], cfg["dq_bn"]
+    if KS > 0:
+        tiles = _tiles(plan, BM)
+        for s in reversed(range(KS)):
+            _dq_past_kernel[(tiles["UB"],)](
+                q, k, v, dout, lse2, delta, dq32, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+                tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
+                sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B,
+                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, FIRST=s == KS - 1, PREC=prec,
+                num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+    _dq_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
+        q, k, v, dout, lse2, delta, dq32, dq, plan["cu"], qk_scale, sm_scale, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        ALIGNED=B % BM == 0 and BM % BN == 0, MERGE=KS > 0, PREC=prec, num_warps=cfg["dq_warps"],
+        num_stages=cfg["dq_stages"])
+    del dq32
+    # dK, dV: one program per (block, key tile, kv head)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    BM, BN = cfg["kv_bm"], cfg["kv_bn"]
+    assert BN % BM == 0, "kv_bn must be a multiple of kv_bm (the diagonal loop covers BN rows)"
+    NKT = _cdiv(B, BN)
+    tok, bounds = (plan["tok"], plan["seg_bounds"]) if KS > 0 else (plan["blk_len"], plan["blk_len"])
+    _dkdv_kernel[(NBT * NKT, Hkv)](
+        q, k, v, dout, lse2, delta, dk, dv, tok, bounds,
+        plan["blk_start"], plan["blk_len"], H, NBT, NKT, KS, qk_scale, sm_scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        PREC=prec, EVEN_D=D == BLOCK_D, ROW64=max(q.numel(), tok.numel()) > 2**31, num_warps=cfg["kv_warps"],
+        num_stages=cfg["kv_stages"])
+    return dq, dk, dv
