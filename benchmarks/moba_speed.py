@@ -49,6 +49,22 @@ def timed(fn, reps, warmup=1):
     return statistics.median(out), out
 
 
+def timed_queued(fn, reps):
+    """Mean time per call of reps calls queued back to back (no host synchronisation between them,
+    as in a training step, where the host runs ahead of the GPU; triton.testing.do_bench and
+    torch.utils.benchmark time this way too). timed() synchronises before every call, so it also
+    counts the host time of launching the first kernels while the GPU sits idle."""
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -156,22 +172,31 @@ def bench_point(T, B, topk, reps, dense, log, cfg):
     row["moba_fb"], _ = timed(moba_fb, reps)
     row["moba_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     row["inputs_gb"] = base / 2**30
+    if T <= 131072:
+        row["moba_fwd_q"] = timed_queued(moba_fwd, reps)
+        row["moba_fb_q"] = timed_queued(moba_fb, reps)
     # breakdown of one forward + backward
-    with torch.no_grad():
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    with torch.no_grad():  # in the op's order: own block, gate + plan, slot passes, backward
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
         ev[0].record()
-        plan = mt._plan(q, k, cu, T, B, topk, cfg)
+        plan = mt._plan_blocks(q, k, cu, T, B, topk)
+        out, o32, lse2 = mt._forward_own(q, k, v, plan, cfg)
         ev[1].record()
-        out, lse2 = mt._forward(q, k, v, plan, cfg)
+        mt._plan_picks(q, k, plan, cfg)
         ev[2].record()
-        mt._backward(q, k, v, out, lse2, do, None, plan, cfg)
+        mt._forward_past(q, k, v, out, o32, lse2, plan, cfg)
         ev[3].record()
+        mt._backward(q, k, v, out, lse2, do, None, plan, cfg)
+        ev[4].record()
         torch.cuda.synchronize()
-        row["t_plan"], row["t_fwd_attn"], row["t_bwd"] = (ev[i].elapsed_time(ev[i + 1]) for i in range(3))
-        del plan, out, lse2
+        t_own, row["t_plan"], t_past, row["t_bwd"] = (ev[i].elapsed_time(ev[i + 1]) for i in range(4))
+        row["t_fwd_attn"] = t_own + t_past
+        del plan, out, o32, lse2
     log(f"moba T={T} B={B} topk={topk}: fwd {row['moba_fwd']:.2f} ms, fwd+bwd {row['moba_fb']:.2f} ms "
-        f"(gate+plan {row['t_plan']:.2f}, attn fwd {row['t_fwd_attn']:.2f}, bwd {row['t_bwd']:.2f}); "
-        f"peak extra {row['moba_peak_gb']:.2f} GiB over inputs {row['inputs_gb']:.2f} GiB")
+        f"(gate+plan {row['t_plan']:.2f}, attn fwd {row['t_fwd_attn']:.2f} = own {t_own:.2f} + slots "
+        f"{t_past:.2f}, bwd {row['t_bwd']:.2f}); "
+        + (f"queued: fwd {row['moba_fwd_q']:.2f} ms, fwd+bwd {row['moba_fb_q']:.2f} ms; " if "moba_fb_q" in row else "")
+        + f"peak extra {row['moba_peak_gb']:.2f} GiB over inputs {row['inputs_gb']:.2f} GiB")
     if dense:
         qd, kd, vd, dod = (x.detach().view(1, T, H, D).transpose(1, 2) for x in (q, k, v, do))  # [1, H, T, D]
         qd.requires_grad_(), kd.requires_grad_(), vd.requires_grad_()
@@ -196,9 +221,16 @@ def bench_point(T, B, topk, reps, dense, log, cfg):
                 row[f"{name}_fwd"], _ = timed(d_fwd, dreps, warmup=1 if T <= 131072 else 0)
                 # at 1M one fwd+bwd takes ~30 s: no separate warm-up (the forward is warm already)
                 row[f"{name}_fb"], _ = timed(d_fb, dreps, warmup=1 if T <= 131072 else 0)
+                queued = ""
+                if "moba_fb_q" in row:
+                    row[f"{name}_fwd_q"] = timed_queued(d_fwd, dreps)
+                    row[f"{name}_fb_q"] = timed_queued(d_fb, dreps)
+                    queued = (f"; queued: fwd {row[f'{name}_fwd_q']:.2f} ms, fwd+bwd {row[f'{name}_fb_q']:.2f} ms, "
+                              f"speed-up fwd {row[f'{name}_fwd_q'] / row['moba_fwd_q']:.1f}x, "
+                              f"fwd+bwd {row[f'{name}_fb_q'] / row['moba_fb_q']:.2f}x")
                 log(f"dense {name} T={T}: fwd {row[f'{name}_fwd']:.2f} ms, fwd+bwd {row[f'{name}_fb']:.2f} ms; "
                     f"speed-up fwd {row[f'{name}_fwd'] / row['moba_fwd']:.1f}x, "
-                    f"fwd+bwd {row[f'{name}_fb'] / row['moba_fb']:.1f}x")
+                    f"fwd+bwd {row[f'{name}_fb'] / row['moba_fb']:.2f}x" + queued)
             except RuntimeError as e:  # a backend that refuses the shape
                 log(f"dense {name} T={T}: failed: {str(e)[:200]}")
     del q, k, v, do
@@ -416,15 +448,18 @@ def main():
             rows[-1]["tile_frac"] = f
             log(f"tile-sparse (128x128) visit fraction for MoBA picks at T={T}: {f:.3f} of causal tiles")
     hdr = ("| T | chunk/topk | MoBA fwd ms | MoBA fwd+bwd ms | cuDNN fwd ms | cuDNN fwd+bwd ms | flash fwd ms | "
-           "flash fwd+bwd ms | speed-up vs cuDNN fwd / fwd+bwd | MoBA peak GiB (over inputs) |")
-    table = [hdr, "|" + "---|" * 10]
+           "flash fwd+bwd ms | speed-up vs cuDNN fwd / fwd+bwd | queued: MoBA / cuDNN fwd+bwd ms, speed-up | "
+           "MoBA peak GiB (over inputs) |")
+    table = [hdr, "|" + "---|" * 11]
     for r in rows:
         def f(x):
             return f"{r[x]:.1f}" if x in r else "-"
-        sp = (f"{r['cudnn_fwd'] / r['moba_fwd']:.1f}x / {r['cudnn_fb'] / r['moba_fb']:.1f}x"
+        sp = (f"{r['cudnn_fwd'] / r['moba_fwd']:.1f}x / {r['cudnn_fb'] / r['moba_fb']:.2f}x"
               if "cudnn_fb" in r else "-")
+        qd = (f"{r['moba_fb_q']:.2f} / {r['cudnn_fb_q']:.2f}, {r['cudnn_fb_q'] / r['moba_fb_q']:.2f}x"
+              if "cudnn_fb_q" in r else "-")
         table.append(f"| {r['T']} | {r['B']}/{r['topk']} | {f('moba_fwd')} | {f('moba_fb')} | {f('cudnn_fwd')} | "
-                     f"{f('cudnn_fb')} | {f('flash_fwd')} | {f('flash_fb')} | {sp} | {r['moba_peak_gb']:.2f} |")
+                     f"{f('cudnn_fb')} | {f('flash_fwd')} | {f('flash_fb')} | {sp} | {qd} | {r['moba_peak_gb']:.2f} |")
     for t in table:
         log(t)
     log(f"check {'passed' if ok else 'FAILED'}")

@@ -1,9 +1,11 @@
 """MoBA on the GPU, part 3: the exact backward (step 5 of megamod/ops/moba_triton.py's docstring).
 
-delta = rowsum(dO * O) - dlse; dQ like the forward (slot passes KS-1 .. 0 into fp32, then the own
-block, which adds them and writes dq); dK/dV per (block, key tile, kv head): own-block queries,
-then every segment that picked the block, for each query head of the GQA group. No atomics, so
-results are deterministic. Tile configs: moba_triton.GPU_CFG.
+dQ like the forward: the own block first (it also computes delta = rowsum(dO * O) - dlse of its
+rows, which everything after it reads), then slot passes 0 .. KS-1 into fp32, the last writing dq;
+dK/dV per (block, key tile, kv head): own-block queries, then every segment that picked the block,
+for each query head of the GQA group. No atomics, so results are deterministic (dQ added atomically
+inside the dK/dV loop, as FlashAttention-2 does, measured 1.4-1.7x slower: NOTES_moba.md, session
+4). Tile configs: moba_triton.GPU_CFG.
 """
 from __future__ import annotations
 
@@ -11,20 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamod.ops.moba_plan import LOG2E, _cdiv, _prec, _query_tile, _tiles
-
-
-@triton.jit
-def _bwd_delta_kernel(O, DO, DLSE, DELTA, n_rows, D, BLOCK_D: tl.constexpr, BR: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse over the flat [T*H, D] rows (both contiguous)."""
-    r = tl.program_id(0) * BR + tl.arange(0, BR)
-    offs_d = tl.arange(0, BLOCK_D)
-    msk = (r[:, None] < n_rows) & (offs_d[None, :] < D)
-    ptr = r.to(tl.int64)[:, None] * D + offs_d[None, :]
-    o = tl.load(O + ptr, mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=msk, other=0.0).to(tl.float32)
-    dl = tl.load(DLSE + r, mask=r < n_rows, other=0.0)
-    tl.store(DELTA + r, tl.sum(o * do, 1) - dl, mask=r < n_rows)
+from megamod.ops.moba_plan import LOG2E, _cdiv, _prec, _query_tile, _store_own, _tiles
 
 
 @triton.jit
@@ -54,12 +43,14 @@ def _dq_inner(dq, q, do, lse2, delta, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d
 
 
 @triton.jit
-def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, CU, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt,
-                   stride_kh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                   BN: tl.constexpr, ALIGNED: tl.constexpr, MERGE: tl.constexpr, PREC: tl.constexpr):
-    """dQ from the own block, run after the slot passes: MERGE adds their fp32 dQ for the rows
-    with picks (position >= CHUNK); writes dQ in DQ's dtype (q, dO, DQ32, DQ share the [T, H, D]
-    strides; DQ32 and DQ may be the same tensor)."""
+def _dq_own_kernel(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ32, DQ, CU, qk_scale, sm_scale, stride_qt, stride_qh,
+                   stride_kt, stride_kh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, ALIGNED: tl.constexpr, HAS_PAST: tl.constexpr, HAS_DLSE: tl.constexpr,
+                   PREC: tl.constexpr):
+    """dQ from the own block, run first: computes and stores delta = rowsum(dO * O) - dlse of its
+    rows, then writes dQ: with HAS_PAST in fp32 into DQ32 for the rows with picks (position >=
+    CHUNK), which the slot passes add to, and in DQ's dtype for the others (q, O, dO, DQ32, DQ
+    share the [T, H, D] strides; DQ32 and DQ may be the same tensor)."""
     n, h, s0, L, m0, pos, rows = _query_tile(CU, BM)
     if m0 >= L:
         return
@@ -69,7 +60,10 @@ def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, CU, qk_scale, sm_scale, st
     q = tl.load(Q + qp, mask=qmask, other=0.0)
     do = tl.load(DO + qp, mask=qmask, other=0.0)
     lse2 = tl.load(LSE + rows * stride_lt + h, mask=pos < L, other=float("inf"))
-    delta = tl.load(DELTA + rows * stride_lt + h, mask=pos < L, other=0.0)
+    delta = tl.sum(tl.load(O + qp, mask=qmask, other=0.0).to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rows * stride_lt + h, mask=pos < L, other=0.0)
+    tl.store(DELTA + rows * stride_lt + h, delta, mask=pos < L)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
     blk_lo = (m0 // CHUNK) * CHUNK
     kv_base = (s0 + blk_lo).to(tl.int64) * stride_kt + (h // G) * stride_kh
@@ -86,18 +80,17 @@ def _dq_own_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, CU, qk_scale, sm_scale, st
         dq = _dq_inner(dq, q, do, lse2, delta, Kb, Vb, 0, hi, rel, stride_kt, offs_d, D, qk_scale,
                        BN, True, True, CHUNK, True, PREC)
     dq = dq * sm_scale
-    if MERGE:
-        dq += tl.load(DQ32 + qp, mask=qmask & (pos >= CHUNK)[:, None], other=0.0)
-    tl.store(DQ + qp, dq.to(DQ.dtype.element_ty), mask=qmask)
+    _store_own(DQ32, DQ, qp, dq, pos, m0, qmask, CHUNK, HAS_PAST)
 
 
 @triton.jit(do_not_specialize=["s"])
-def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO,
+def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO,
                     BLK_START, s, KS, NBT, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, EVEN: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr):
-    """Slot pass s of dQ: adds the picked block's contribution into the fp32 dQ rows (FIRST, the
-    pass of slot KS-1: writes them, see _fwd_past_kernel)."""
+                    BN: tl.constexpr, EVEN: tl.constexpr, LAST: tl.constexpr, PREC: tl.constexpr):
+    """Slot pass s of dQ: adds the picked block's contribution to the fp32 dQ rows (the own-block
+    pass wrote them first); LAST (slot KS-1, which every row with a pick fills, so it runs last)
+    writes the sum in DQ's dtype instead."""
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
@@ -119,11 +112,11 @@ def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ, TOK, SEG_START, TILE_SEG, TILE_
     kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
     dq = _dq_inner(dq, q, do, lse2, delta, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
                    qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
-    if FIRST:
-        tl.store(DQ + qp, dq * sm_scale, mask=qmask)
+    dq = tl.load(DQ32 + qp, mask=qmask, other=0.0) + dq * sm_scale
+    if LAST:
+        tl.store(DQ + qp, dq.to(DQ.dtype.element_ty), mask=qmask)
     else:
-        dq_a = tl.load(DQ + qp, mask=qmask, other=0.0)
-        tl.store(DQ + qp, dq_a + dq * sm_scale, mask=qmask)
+        tl.store(DQ32 + qp, dq, mask=qmask)
 
 
 @triton.jit
@@ -210,6 +203,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK
 
 
 def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
+    """dq, dk, dv; dlse (the gradient of the ln-based lse output) may be None."""
     T, H, D, N, KS, B, NBT = (plan[x] for x in ("T", "H", "D", "N", "KS", "B", "NBT"))
     Hkv = plan["Hkv"]
     G = H // Hkv
@@ -217,30 +211,29 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
     sm_scale = D**-0.5
     qk_scale = sm_scale * LOG2E
     prec = _prec(q.dtype)
-    dout = dout.contiguous()
-    delta = torch.empty(T, H, dtype=torch.float32, device=q.device)
-    dlse = torch.zeros_like(delta) if dlse is None else dlse.contiguous().float()
-    _bwd_delta_kernel[(_cdiv(T * H, 64),)](out, dout, dlse, delta, T * H, D, BLOCK_D=BLOCK_D, BR=64)
-    # dQ: one pass per slot (KS-1 first: it writes the fp32 rows), then the own block, which adds
-    # them and writes dq in q's dtype
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    delta = torch.empty(T, H, dtype=torch.float32, device=q.device)  # written by _dq_own_kernel
+    dlse = delta if dlse is None else dlse.contiguous().float()  # (not read without HAS_DLSE)
+    # dQ: the own block first (with delta; it writes the fp32 rows of the tokens with picks), then
+    # one pass per slot, the last (KS-1) writing dq in q's dtype
     dq = torch.empty_like(q)
     dq32 = dq if (q.dtype == torch.float32 or KS == 0) else torch.empty(T, H, D, dtype=torch.float32,
                                                                         device=q.device)
     BM, BN = cfg["dq_bm"], cfg["dq_bn"]
+    _dq_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
+        q, k, v, out, dout, lse2, dlse, delta, dq32, dq, plan["cu"], qk_scale, sm_scale, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
+        ALIGNED=B % BM == 0 and BM % BN == 0, HAS_PAST=KS > 0, HAS_DLSE=dlse is not delta,
+        PREC=prec, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     if KS > 0:
         tiles = _tiles(plan, BM)
-        for s in reversed(range(KS)):
+        for s in range(KS):
             _dq_past_kernel[(tiles["UB"],)](
-                q, k, v, dout, lse2, delta, dq32, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+                q, k, v, dout, lse2, delta, dq32, dq, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
                 tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
                 sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B,
-                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, FIRST=s == KS - 1, PREC=prec,
+                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1, PREC=prec,
                 num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
-    _dq_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
-        q, k, v, dout, lse2, delta, dq32, dq, plan["cu"], qk_scale, sm_scale, q.stride(0), q.stride(1),
-        k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        ALIGNED=B % BM == 0 and BM % BN == 0, MERGE=KS > 0, PREC=prec, num_warps=cfg["dq_warps"],
-        num_stages=cfg["dq_stages"])
     del dq32
     # dK, dV: one program per (block, key tile, kv head)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -252,6 +245,6 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
         q, k, v, dout, lse2, delta, dk, dv, tok, bounds,
         plan["blk_start"], plan["blk_len"], H, NBT, NKT, KS, qk_scale, sm_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        PREC=prec, EVEN_D=D == BLOCK_D, ROW64=max(q.numel(), tok.numel()) > 2**31, num_warps=cfg["kv_warps"],
-        num_stages=cfg["kv_stages"])
+        PREC=prec, EVEN_D=D == BLOCK_D, ROW64=max(q.numel(), tok.numel()) > 2**31,
+        num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
     return dq, dk, dv

@@ -4,7 +4,8 @@ Steps 0-3 of megamod/ops/moba_triton.py's docstring (the attention kernels that 
 live there and in moba_backward.py): the block table of the packed batch, the block means of K, the
 gate (fp32 scores against the block means, running top-KS, sort keys of the (query, head, slot)
 entries), the sort of the entries into per-(head, block, slot) segments, and the tile schedule of
-the slot passes; also what the forward and backward kernels share (_query_tile, _prec, LOG2E).
+the slot passes; also what the forward and backward kernels share (_query_tile, _store_own, _prec,
+LOG2E).
 All device work, a few launches, no host synchronisation.
 """
 from __future__ import annotations
@@ -118,6 +119,20 @@ def _query_tile(CU, BM: tl.constexpr):
     m0 = tl.program_id(0) * BM
     pos = m0 + tl.arange(0, BM)
     return n, tl.program_id(2), s0, tl.load(CU + n + 1) - s0, m0, pos, (s0 + pos).to(tl.int64)
+
+
+@triton.jit
+def _store_own(X32, X, ptr, x, pos, m0, mask, CHUNK: tl.constexpr, HAS_PAST: tl.constexpr):
+    """The store of an own-block pass (run before the slot passes, forward and dQ): with HAS_PAST
+    the rows with picks (position >= CHUNK) go in fp32 to X32, the state the slot passes add to,
+    the first block's rows to X in its dtype; without, every row goes to X."""
+    if HAS_PAST:
+        past = (pos >= CHUNK)[:, None]
+        tl.store(X32 + ptr, x, mask=mask & past)
+        if m0 < CHUNK:  # the tile holds rows of the first block
+            tl.store(X + ptr, x.to(X.dtype.element_ty), mask=mask & ~past)
+    else:
+        tl.store(X + ptr, x.to(X.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -241,6 +256,12 @@ def _cdiv(a: int, b: int) -> int:
 def _plan(q, k, cu, max_seqlen, B, topk, cfg):
     """Block table, picks and the sorted entry list. Device work only (no host synchronisation),
     in a handful of launches: block table, block means, gate (writes the sort keys), sort, entries."""
+    return _plan_picks(q, k, _plan_blocks(q, k, cu, max_seqlen, B, topk), cfg)
+
+
+def _plan_blocks(q, k, cu, max_seqlen, B, topk):
+    """The shapes and the block table of the packed batch (one launch): what the own-block passes
+    need, and the start of the plan."""
     T, H, D = q.shape
     Hkv = k.shape[1]
     N = cu.numel() - 1
@@ -252,8 +273,13 @@ def _plan(q, k, cu, max_seqlen, B, topk, cfg):
     blk_len = torch.empty(NBT, dtype=torch.int32, device=dev)
     blk_first = torch.empty(N, dtype=torch.int32, device=dev)
     _blocks_kernel[(_cdiv(NBT, 128),)](cu, blk_start, blk_len, blk_first, N, NBT, CHUNK=B, R=128, SP=32)
-    plan = dict(T=T, H=H, Hkv=Hkv, D=D, N=N, KS=KS, B=B, NBT=NBT, max_seqlen=max_seqlen,
+    return dict(T=T, H=H, Hkv=Hkv, D=D, N=N, KS=KS, B=B, NBT=NBT, max_seqlen=max_seqlen,
                 cu=cu, blk_start=blk_start, blk_len=blk_len, blk_first=blk_first)
+
+
+def _plan_picks(q, k, plan, cfg):
+    """The rest of the plan, into ``plan``: gate (sort keys), sort, entries; returns the plan."""
+    KS, H, NBT, dev, blk_first = plan["KS"], plan["H"], plan["NBT"], q.device, plan["blk_first"]
     if KS == 0:
         return plan
     # sort key of every (token, head, slot) entry: segment (h * NBT + g) * KS + s, so the slots

@@ -19,14 +19,15 @@ megamod/ops/moba_plan.py; 4 here; 5 in megamod/ops/moba_backward.py):
                           segment is a contiguous list of tokens, the slots of one (head, block)
                           are adjacent; _entries_kernel (tokens, segment bounds) and the tile
                           schedule kernels. No host synchronisation.
-  4. forward              one pass per slot s, from KS-1 down to 0: a program takes <= BM
+  4. forward              the own-block pass first (causal flash attention inside each block;
+                          it needs no plan, so it runs while the host launches steps 1-3): the
+                          final output of rows without picks, the running fp32 state (o, lse) of
+                          the others. Then one pass per slot s, 0 .. KS-1: a program takes <= BM
                           gathered queries of one segment, streams that block's B keys, and
-                          merges (o, lse) into the running fp32 state of its rows (pass KS-1,
-                          which every row with a pick is in, writes it unread). In one pass a
-                          query occurs in one segment only, so the read-modify-write needs no
-                          atomics. Then the own-block pass (causal flash attention inside each
-                          block) merges the state and writes the output in the input dtype.
-  5. backward             exact: delta = rowsum(dO * O) - dlse; dQ like the forward (slot passes
+                          merges into the state of its rows; pass KS-1, which every row with a
+                          pick is in, writes the output in the input dtype. In one pass a query
+                          occurs in one segment only, so the read-modify-write needs no atomics.
+  5. backward             exact: delta = rowsum(dO * O) - dlse; dQ the other way round (slot passes
                           KS-1 .. 0 into fp32, then the own block, which adds them and writes dq);
                           dK/dV per (block, key tile, kv head): own-block queries, then every
                           segment that picked the block, for each query head of the GQA group.
@@ -41,7 +42,9 @@ import triton
 import triton.language as tl
 
 from megamod.ops.moba_backward import _backward
-from megamod.ops.moba_plan import LOG2E, _cdiv, _gate, _plan, _prec, _query_tile, _tiles
+from megamod.ops.moba_plan import _plan  # noqa: F401  (re-exported: benchmarks build plans through this module)
+from megamod.ops.moba_plan import (LOG2E, _cdiv, _gate, _plan_blocks, _plan_picks, _prec, _query_tile, _store_own,
+                                   _tiles)
 
 LN2 = 0.6931471805599453
 
@@ -64,8 +67,10 @@ GPU_CFG = dict(
     kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=3,
     gate_bm=64, gate_nblk=64, gate_dc=4, gate_warps=4, gate_prec="bf16split", gate_stages=2,
 )
+# Long blocks (session 4 gate sweep at 1M/4096/12, gate+plan): bf16split 35.1 ms at 32 blocks per
+# chunk and 1 stage (2 stages, 64 blocks: 36.7), tf32x3 48.5 (1 stage) / 75.9 ms (3 stages, before).
 GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3,  # chunk >= 2048
-                           gate_nblk=32, gate_prec="tf32x3", gate_stages=3)  # as measured at 1M
+                           gate_nblk=32, gate_stages=1)
 INTERP_CFG = dict(
     fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1,
     dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1,
@@ -117,11 +122,13 @@ def _fwd_inner(acc, m_i, l_i, q, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d, D, 
 @triton.jit
 def _fwd_own_kernel(Q, K, V, O32, OUT, LSE, CU, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_ot, stride_oh, stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, MERGE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, ALIGNED: tl.constexpr, HAS_PAST: tl.constexpr,
                     PREC: tl.constexpr):
-    """Causal attention inside the own block, run after the slot passes: MERGE folds in their
-    fp32 state (o, lse2) for the rows that have picks (position >= CHUNK), then writes the final
-    output in OUT's dtype and lse2 (O32 and OUT share strides; they may be the same tensor)."""
+    """Causal attention inside the own block, run first (it needs no plan, so the GPU has work
+    while the host launches the plan): writes (o, lse2). HAS_PAST: the rows with picks (position
+    >= CHUNK) get o in fp32 into O32, the running state the slot passes merge into; the others
+    (and every row without HAS_PAST) get their final output in OUT's dtype (O32 and OUT share
+    strides; they may be the same tensor)."""
     n, h, s0, L, m0, pos, rows = _query_tile(CU, BM)
     if m0 >= L:
         return
@@ -149,26 +156,19 @@ def _fwd_own_kernel(Q, K, V, O32, OUT, LSE, CU, qk_scale, stride_qt, stride_qh, 
     o = acc / l_i[:, None]
     lse = m_i + tl.log2(l_i)
     optr = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-    if MERGE:
-        has = (pos >= CHUNK) & (pos < L)
-        lse_a = tl.load(LSE + rows * stride_lt + h, mask=has, other=float("-inf"))
-        o_a = tl.load(O32 + optr, mask=has[:, None] & (offs_d[None, :] < D), other=0.0)
-        mx = tl.maximum(lse_a, lse)
-        lse_n = mx + tl.log2(tl.exp2(lse_a - mx) + tl.exp2(lse - mx))
-        o = o_a * tl.exp2(lse_a - lse_n)[:, None] + o * tl.exp2(lse - lse_n)[:, None]
-        lse = lse_n
-    tl.store(OUT + optr, o.to(OUT.dtype.element_ty), mask=qmask)
+    _store_own(O32, OUT, optr, o, pos, m0, qmask, CHUNK, HAS_PAST)
     tl.store(LSE + rows * stride_lt + h, lse, mask=pos < L)
 
 
 @triton.jit(do_not_specialize=["s"])
-def _fwd_past_kernel(Q, K, V, O, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO, BLK_START,
+def _fwd_past_kernel(Q, K, V, O, OUT, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO, BLK_START,
                      s, KS, NBT, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
                      stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, EVEN: tl.constexpr, FIRST: tl.constexpr, PREC: tl.constexpr):
+                     BN: tl.constexpr, EVEN: tl.constexpr, LAST: tl.constexpr, PREC: tl.constexpr):
     """Slot pass s: BM gathered queries of one (slot, head, block) segment against that block;
-    merges the partial (o, lse2) into the running fp32 state of those rows. FIRST (slot KS-1,
-    which every row with a pick fills, see _gate_kernel) writes the state without reading it."""
+    merges the partial (o, lse2) into the running fp32 state O of those rows (the own-block pass
+    wrote it first). LAST (slot KS-1, which every row with a pick fills, see _gate_kernel, so it
+    runs last) writes the merged output in OUT's dtype instead (O and OUT share strides)."""
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
@@ -189,18 +189,17 @@ def _fwd_past_kernel(Q, K, V, O, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
                                qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
     lse_b = m_i + tl.log2(l_i)
-    optr = O + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
-    if FIRST:
-        tl.store(optr, acc / l_i[:, None], mask=qmask)
-        tl.store(LSE + rows * stride_lt + h, lse_b, mask=ok)
+    optr = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    lse_a = tl.load(LSE + rows * stride_lt + h, mask=ok, other=0.0)
+    o_a = tl.load(O + optr, mask=qmask, other=0.0)
+    mx = tl.maximum(lse_a, lse_b)
+    lse_n = mx + tl.log2(tl.exp2(lse_a - mx) + tl.exp2(lse_b - mx))
+    o_n = o_a * tl.exp2(lse_a - lse_n)[:, None] + (acc / l_i[:, None]) * tl.exp2(lse_b - lse_n)[:, None]
+    if LAST:
+        tl.store(OUT + optr, o_n.to(OUT.dtype.element_ty), mask=qmask)
     else:
-        lse_a = tl.load(LSE + rows * stride_lt + h, mask=ok, other=0.0)
-        o_a = tl.load(optr, mask=qmask, other=0.0)
-        mx = tl.maximum(lse_a, lse_b)
-        lse_n = mx + tl.log2(tl.exp2(lse_a - mx) + tl.exp2(lse_b - mx))
-        o_n = o_a * tl.exp2(lse_a - lse_n)[:, None] + (acc / l_i[:, None]) * tl.exp2(lse_b - lse_n)[:, None]
-        tl.store(optr, o_n, mask=qmask)
-        tl.store(LSE + rows * stride_lt + h, lse_n, mask=ok)
+        tl.store(O + optr, o_n, mask=qmask)
+    tl.store(LSE + rows * stride_lt + h, lse_n, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------
@@ -222,41 +221,50 @@ def moba_gate_triton(q, k, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, c
     if cfg is None:
         cfg = default_cfg(q, moba_chunk_size)
     q, k = q.contiguous(), k.contiguous()
-    plan = _plan(q, k, cu_seqlens, max_seqlen, moba_chunk_size, 1, cfg)  # block table only
-    plan["KS"] = moba_topk - 1
+    plan = _plan_blocks(q, k, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk)
     if moba_topk == 1:
         return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int32, device=q.device)
     return _gate(q, k, plan, plan["blk_first"], cfg)
 
 
-def _forward(q, k, v, plan, cfg):
-    """Slot passes KS-1 .. 0 into an fp32 state (the first one writes it), then the own block,
-    which merges the state and writes the output in q's dtype. Returns (out, lse2)."""
-    T, H, D, N, KS, B, NBT = (plan[x] for x in ("T", "H", "D", "N", "KS", "B", "NBT"))
-    G = H // plan["Hkv"]
-    BLOCK_D = triton.next_power_of_2(D)
-    sm_scale = D**-0.5
-    qk_scale = sm_scale * LOG2E
+def _forward_own(q, k, v, plan, cfg):
+    """The own-block pass (needs only the block table): the final output of the rows without
+    picks, the fp32 state of the others. Returns (out, o32, lse2)."""
+    T, H, D, N, KS, B = (plan[x] for x in ("T", "H", "D", "N", "KS", "B"))
     out = torch.empty_like(q)
     o32 = out if (q.dtype == torch.float32 or KS == 0) else torch.empty(T, H, D, dtype=torch.float32,
                                                                          device=q.device)
     lse2 = torch.empty(T, H, dtype=torch.float32, device=q.device)  # log2-sum-exp2
     BM, BN = cfg["fwd_bm"], cfg["fwd_bn"]
-    prec = _prec(q.dtype)
-    if KS > 0:
-        tiles = _tiles(plan, BM)
-        for s in reversed(range(KS)):
-            _fwd_past_kernel[(tiles["UB"],)](
-                q, k, v, o32, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
-                tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale, q.stride(0),
-                q.stride(1), k.stride(0), k.stride(1), o32.stride(0), o32.stride(1), lse2.stride(0), G, D,
-                CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, FIRST=s == KS - 1, PREC=prec,
-                num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
     _fwd_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
-        q, k, v, o32, out, lse2, plan["cu"], qk_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        o32.stride(0), o32.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        ALIGNED=B % BM == 0 and BM % BN == 0, MERGE=KS > 0, PREC=prec, num_warps=cfg["fwd_warps"],
-        num_stages=cfg["fwd_stages"])
+        q, k, v, o32, out, lse2, plan["cu"], D**-0.5 * LOG2E, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        o32.stride(0), o32.stride(1), lse2.stride(0), H // plan["Hkv"], D, CHUNK=B,
+        BLOCK_D=triton.next_power_of_2(D), BM=BM, BN=BN, ALIGNED=B % BM == 0 and BM % BN == 0,
+        HAS_PAST=KS > 0, PREC=_prec(q.dtype), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+    return out, o32, lse2
+
+
+def _forward_past(q, k, v, out, o32, lse2, plan, cfg):
+    """Slot passes 0 .. KS-1 (needs the whole plan): each merges into the fp32 state, the last
+    one (slot KS-1, which every row with a pick fills) writes the output."""
+    H, D, KS, B, NBT = (plan[x] for x in ("H", "D", "KS", "B", "NBT"))
+    BM, BN = cfg["fwd_bm"], cfg["fwd_bn"]
+    tiles = _tiles(plan, BM)
+    for s in range(KS):
+        _fwd_past_kernel[(tiles["UB"],)](
+            q, k, v, o32, out, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"], tiles["tile_first"],
+            tiles["pass_lo"], plan["blk_start"], s, KS, NBT, D**-0.5 * LOG2E, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), o32.stride(0), o32.stride(1), lse2.stride(0), H // plan["Hkv"], D, CHUNK=B,
+            BLOCK_D=triton.next_power_of_2(D), BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1,
+            PREC=_prec(q.dtype), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+
+
+def _forward(q, k, v, plan, cfg):
+    """Own block, then the slot passes, for a finished plan (benchmarks time the phases apart;
+    _MobaTriton launches the own block before the plan). Returns (out, lse2)."""
+    out, o32, lse2 = _forward_own(q, k, v, plan, cfg)
+    if plan["KS"] > 0:
+        _forward_past(q, k, v, out, o32, lse2, plan, cfg)
     return out, lse2
 
 
@@ -264,8 +272,14 @@ class _MobaTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, chunk, topk, cfg):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        plan = _plan(q, k, cu_seqlens, max_seqlen, chunk, topk, cfg)
-        out, lse2 = _forward(q, k, v, plan, cfg)
+        plan = _plan_blocks(q, k, cu_seqlens, max_seqlen, chunk, topk)
+        # own block first: the GPU works on it while the host launches the plan's ~15 kernels
+        out, o32, lse2 = _forward_own(q, k, v, plan, cfg)
+        if topk > 1:
+            _plan_picks(q, k, plan, cfg)
+            _forward_past(q, k, v, out, o32, lse2, plan, cfg)
+        del o32
+        ctx.set_materialize_grads(False)  # no zero-filled dlse when the lse output is unused
         ctx.plan = plan  # device tensors of the plan (and its tile schedules) stay with ctx
         ctx.cfg = cfg
         ctx.save_for_backward(q, k, v, out, lse2)

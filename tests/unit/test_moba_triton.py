@@ -37,7 +37,9 @@ CHILD = textwrap.dedent(
             qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
             o, lse = fn(qq, kk, vv, cu, max(lens), B, topk, return_lse=True)
             gr = torch.autograd.grad((o * do).sum() + (lse * dl).sum(), (qq, kk, vv))
-            outs.append([o.detach(), lse.detach(), *gr])
+            # the output alone (no lse gradient: the kernel's backward gets dlse = None)
+            gr_o = torch.autograd.grad((fn(qq, kk, vv, cu, max(lens), B, topk) * do).sum(), (qq, kk, vv))
+            outs.append([o.detach(), lse.detach(), *gr, *gr_o])
         res[f"case{i}"] = [rel(a, b) for a, b in zip(*outs)]
         picks = {}
         pos = torch.cat([torch.arange(n) for n in lens])  # position inside the sequence
@@ -95,9 +97,10 @@ def interp():
 
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 4])
 def test_kernel_matches_reference_fwd_bwd(interp, case):
-    # out, lse, dq, dk, dv (the loss also weights lse, so the dlse path is exercised)
+    # out, lse, dq, dk, dv (the loss also weights lse, so the dlse path is exercised), then dq, dk, dv
+    # of a loss on the output alone (dlse = None)
     errs = interp[f"case{case}"]
-    assert len(errs) == 5 and max(errs) < 1e-5, errs
+    assert len(errs) == 8 and max(errs) < 1e-5, errs
 
 
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 4])
