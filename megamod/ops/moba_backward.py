@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamod.ops.moba_plan import LOG2E, _cdiv, _prec, _query_tile, _store_own, _tiles
+from megamod.ops.moba_plan import LOG2E, _cdiv, _kv_descriptors, _prec, _query_tile, _store_own, _tiles
 
 
 @triton.jit
@@ -36,6 +36,21 @@ def _dq_inner(dq, q, do, lse2, delta, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d
             p = tl.where(vis, p, 0.0)
         elif KMASK:
             p = tl.where(offs_n[None, :] < n_hi, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _dq_inner_tma(dq, q, do, lse2, delta, desc_k, desc_v, row0, col, qk_scale, BN: tl.constexpr,
+                  CHUNK: tl.constexpr, PREC: tl.constexpr):
+    """_dq_inner over a whole (picked, so complete) block whose K/V tiles come by TMA (as
+    moba_triton._fwd_inner_tma)."""
+    for n0 in range(0, CHUNK, BN):
+        k = desc_k.load([row0 + n0, col])
+        v = desc_v.load([row0 + n0, col])
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
@@ -84,13 +99,14 @@ def _dq_own_kernel(Q, K, V, O, DO, LSE, DLSE, DELTA, DQ32, DQ, CU, qk_scale, sm_
 
 
 @triton.jit(do_not_specialize=["s"])
-def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO,
+def _dq_past_kernel(Q, K, V, DESC_K, DESC_V, DO, LSE, DELTA, DQ32, DQ, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO,
                     BLK_START, s, KS, NBT, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh,
                     stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                    BN: tl.constexpr, EVEN: tl.constexpr, LAST: tl.constexpr, PREC: tl.constexpr):
+                    BN: tl.constexpr, EVEN: tl.constexpr, LAST: tl.constexpr, PREC: tl.constexpr,
+                    TMA: tl.constexpr):
     """Slot pass s of dQ: adds the picked block's contribution to the fp32 dQ rows (the own-block
     pass wrote them first); LAST (slot KS-1, which every row with a pick fills, so it runs last)
-    writes the sum in DQ's dtype instead."""
+    writes the sum in DQ's dtype instead. TMA: K/V tiles through DESC_K, DESC_V."""
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
@@ -109,9 +125,13 @@ def _dq_past_kernel(Q, K, V, DO, LSE, DELTA, DQ32, DQ, TOK, SEG_START, TILE_SEG,
     lse2 = tl.load(LSE + rows * stride_lt + h, mask=ok, other=float("inf"))
     delta = tl.load(DELTA + rows * stride_lt + h, mask=ok, other=0.0)
     dq = tl.zeros([BM, BLOCK_D], tl.float32)
-    kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
-    dq = _dq_inner(dq, q, do, lse2, delta, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
-                   qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
+    if TMA:
+        dq = _dq_inner_tma(dq, q, do, lse2, delta, DESC_K, DESC_V, tl.load(BLK_START + g), (h // G) * D, qk_scale,
+                           BN, CHUNK, PREC)
+    else:
+        kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
+        dq = _dq_inner(dq, q, do, lse2, delta, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
+                       qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
     dq = tl.load(DQ32 + qp, mask=qmask, other=0.0) + dq * sm_scale
     if LAST:
         tl.store(DQ + qp, dq.to(DQ.dtype.element_ty), mask=qmask)
@@ -227,12 +247,13 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
         PREC=prec, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     if KS > 0:
         tiles = _tiles(plan, BM)
+        desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg.get("dq_tma"))
         for s in range(KS):
             _dq_past_kernel[(tiles["UB"],)](
-                q, k, v, dout, lse2, delta, dq32, dq, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+                q, k, v, desc_k, desc_v, dout, lse2, delta, dq32, dq, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
                 tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
                 sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B,
-                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1, PREC=prec,
+                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1, PREC=prec, TMA=tma,
                 num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     del dq32
     # dK, dV: one program per (block, key tile, kv head)

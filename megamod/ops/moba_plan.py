@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # ----------------------------------------------------------------------------------------
 # plan: block table, sorted entries, tile schedule (a few launches, no host synchronisation)
@@ -297,6 +298,18 @@ def _plan_picks(q, k, plan, cfg):
                                                   npe, R=R)
     plan.update(tok=tok, seg_bounds=bounds)  # segment i: entries [bounds[i], bounds[i+1])
     return plan
+
+
+def _kv_descriptors(k, v, B, BN, on):
+    """(desc_k, desc_v, True): TMA descriptors of K and V for the slot passes ([T, Hkv * D] views,
+    [BN, D] tiles); or (k, v, False) when TMA is off or cannot apply. A slot pass streams a picked,
+    so complete, block: a tile stays inside it when BN divides the chunk; D must be the tile width
+    (a wider tile would read the next head's columns)."""
+    T, Hkv, D = k.shape
+    if not (on and B % BN == 0 and D == triton.next_power_of_2(D)):
+        return k, v, False
+    dk, dv = (TensorDescriptor.from_tensor(x.view(T, Hkv * D), [BN, D]) for x in (k, v))
+    return dk, dv, True
 
 
 def gate_precision(cfg, dtype: torch.dtype) -> str:

@@ -43,8 +43,8 @@ import triton.language as tl
 
 from megamod.ops.moba_backward import _backward
 from megamod.ops.moba_plan import _plan  # noqa: F401  (re-exported: benchmarks build plans through this module)
-from megamod.ops.moba_plan import (LOG2E, _cdiv, _gate, _plan_blocks, _plan_picks, _prec, _query_tile, _store_own,
-                                   _tiles)
+from megamod.ops.moba_plan import (LOG2E, _cdiv, _gate, _kv_descriptors, _plan_blocks, _plan_picks, _prec,
+                                   _query_tile, _store_own, _tiles)
 
 LN2 = 0.6931471805599453
 
@@ -61,9 +61,11 @@ LN2 = 0.6931471805599453
 # lost its per-element masks and 64-bit offsets (moba_backward._kv_inner): backward 822.7 -> 681.2 ms
 # at 256K/4096 and 16.59 -> 15.06 ms at 128K/512 (sweep 15:29 UTC); fp32 inputs keep the old tile
 # (shared memory).
+# Slot passes (forward, dQ) stream their block's K/V tiles by TMA (session 4, 17:55 UTC): forward
+# -3% at 256K/4096 (219.0 -> 212.1 ms), -4% at 128K/512 (5.68 -> 5.45 ms); dQ backward -1%.
 GPU_CFG = dict(
-    fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3,
-    dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3,
+    fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3, fwd_tma=1,
+    dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3, dq_tma=1,
     kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=3,
     gate_bm=64, gate_nblk=64, gate_dc=4, gate_warps=4, gate_prec="bf16split", gate_stages=2,
 )
@@ -71,9 +73,9 @@ GPU_CFG = dict(
 # chunk and 1 stage (2 stages, 64 blocks: 36.7), tf32x3 48.5 (1 stage) / 75.9 ms (3 stages, before).
 GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3,  # chunk >= 2048
                            gate_nblk=32, gate_stages=1)
-INTERP_CFG = dict(
-    fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1,
-    dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1,
+INTERP_CFG = dict(  # TMA on: the test cases whose chunk is a multiple of 16 and D a power of 2 take it
+    fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1, fwd_tma=1,
+    dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1, dq_tma=1,
     kv_bm=16, kv_bn=16, kv_warps=4, kv_stages=1,
     gate_bm=16, gate_nblk=16, gate_dc=8, gate_warps=4, gate_prec="fma",
 )
@@ -114,6 +116,24 @@ def _fwd_inner(acc, m_i, l_i, q, Kb, Vb, n_lo, n_hi, pos, stride_kt, offs_d, D, 
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(Vb + kp, mask=kmask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_inner_tma(acc, m_i, l_i, q, desc_k, desc_v, row0, col, qk_scale, BN: tl.constexpr, CHUNK: tl.constexpr,
+                   PREC: tl.constexpr):
+    """_fwd_inner over a whole (picked, so complete) block whose K/V tiles come by TMA: rows
+    row0 .. row0 + CHUNK - 1 of the [T, Hkv * D] views, columns col .. col + D - 1 (no masks)."""
+    for n0 in range(0, CHUNK, BN):
+        k = desc_k.load([row0 + n0, col])
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # [BM, BN]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = desc_v.load([row0 + n0, col])
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
@@ -161,14 +181,16 @@ def _fwd_own_kernel(Q, K, V, O32, OUT, LSE, CU, qk_scale, stride_qt, stride_qh, 
 
 
 @triton.jit(do_not_specialize=["s"])
-def _fwd_past_kernel(Q, K, V, O, OUT, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO, BLK_START,
+def _fwd_past_kernel(Q, K, V, DESC_K, DESC_V, O, OUT, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST, PASS_LO, BLK_START,
                      s, KS, NBT, qk_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh,
                      stride_lt, G, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, EVEN: tl.constexpr, LAST: tl.constexpr, PREC: tl.constexpr):
+                     BN: tl.constexpr, EVEN: tl.constexpr, LAST: tl.constexpr, PREC: tl.constexpr,
+                     TMA: tl.constexpr):
     """Slot pass s: BM gathered queries of one (slot, head, block) segment against that block;
     merges the partial (o, lse2) into the running fp32 state O of those rows (the own-block pass
     wrote it first). LAST (slot KS-1, which every row with a pick fills, see _gate_kernel, so it
-    runs last) writes the merged output in OUT's dtype instead (O and OUT share strides)."""
+    runs last) writes the merged output in OUT's dtype instead (O and OUT share strides). TMA: the
+    block's K/V tiles come through the tensor descriptors DESC_K, DESC_V (see _forward_past)."""
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
@@ -185,9 +207,13 @@ def _fwd_past_kernel(Q, K, V, O, OUT, LSE, TOK, SEG_START, TILE_SEG, TILE_FIRST,
     acc = tl.zeros([BM, BLOCK_D], tl.float32)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
-    kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
-                               qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
+    if TMA:
+        acc, m_i, l_i = _fwd_inner_tma(acc, m_i, l_i, q, DESC_K, DESC_V, tl.load(BLK_START + g), (h // G) * D,
+                                       qk_scale, BN, CHUNK, PREC)
+    else:
+        kv_base = tl.load(BLK_START + g).to(tl.int64) * stride_kt + (h // G) * stride_kh
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, K + kv_base, V + kv_base, 0, CHUNK, r, stride_kt, offs_d, D,
+                                   qk_scale, BN, False, False, CHUNK, not EVEN, PREC)
     lse_b = m_i + tl.log2(l_i)
     optr = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     lse_a = tl.load(LSE + rows * stride_lt + h, mask=ok, other=0.0)
@@ -250,13 +276,14 @@ def _forward_past(q, k, v, out, o32, lse2, plan, cfg):
     H, D, KS, B, NBT = (plan[x] for x in ("H", "D", "KS", "B", "NBT"))
     BM, BN = cfg["fwd_bm"], cfg["fwd_bn"]
     tiles = _tiles(plan, BM)
+    desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg.get("fwd_tma"))
     for s in range(KS):
         _fwd_past_kernel[(tiles["UB"],)](
-            q, k, v, o32, out, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"], tiles["tile_first"],
+            q, k, v, desc_k, desc_v, o32, out, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"], tiles["tile_first"],
             tiles["pass_lo"], plan["blk_start"], s, KS, NBT, D**-0.5 * LOG2E, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), o32.stride(0), o32.stride(1), lse2.stride(0), H // plan["Hkv"], D, CHUNK=B,
             BLOCK_D=triton.next_power_of_2(D), BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1,
-            PREC=_prec(q.dtype), num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
+            PREC=_prec(q.dtype), TMA=tma, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
 
 
 def _forward(q, k, v, plan, cfg):
