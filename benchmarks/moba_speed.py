@@ -248,7 +248,7 @@ SWEEP = {  # (bm, bn, warps, stages); gate: (bm, nblk, dc, warps, prec, stages)
     # kv loads its queries through the sorted token list (an index load, then the q/dO rows):
     # Triton pipelines such an indirect load only with >= 3 stages
     "kv": [(32, 64, 4, 2), (32, 64, 4, 3), (32, 64, 4, 4), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
-           (64, 64, 8, 2)],
+           (64, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 4)],
 }
 GATE_KEYS = ("bm", "nblk", "dc", "warps", "prec", "stages")
 PHASE_KEYS = dict(gate=GATE_KEYS, **{p: ("bm", "bn", "warps", "stages") for p in ("fwd", "dq", "kv")})
