@@ -27,9 +27,9 @@ megamod/ops/moba_plan.py; 4 here; 5 in megamod/ops/moba_backward.py):
                           merges into the state of its rows; pass KS-1, which every row with a
                           pick is in, writes the output in the input dtype. In one pass a query
                           occurs in one segment only, so the read-modify-write needs no atomics.
-  5. backward             exact: delta = rowsum(dO * O) - dlse; dQ the other way round (slot passes
-                          KS-1 .. 0 into fp32, then the own block, which adds them and writes dq);
-                          dK/dV per (block, key tile, kv head): own-block queries, then every
+  5. backward             exact; dQ in the same order: the own block first (which also computes
+                          delta = rowsum(dO * O) - dlse), then the slot passes 0 .. KS-1 into the
+                          fp32 rows, the last writing dq; dK/dV per (block, key tile, kv head): own-block queries, then every
                           segment that picked the block, for each query head of the GQA group.
                           No atomics anywhere, so results are deterministic.
 Memory is linear in T: picks and the sorted entry list are T*H*KS int32, fp32 accumulators
