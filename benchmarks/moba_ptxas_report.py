@@ -53,11 +53,19 @@ if __name__ == "__main__":
     report(mp._gate_kernel, dict(CHUNK=512, KS=2, KSP=2, BLOCK_D=128, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
                                  DC=cfg["gate_dc"], PREC=cfg["gate_prec"], KEY=True), cfg["gate_warps"],
            cfg["gate_stages"], ptr=bf16_mean)
-    for kern, pre in ((mt._fwd_own_kernel, "fwd"), (mb._dq_own_kernel, "dq")):
-        report(kern, dict(CHUNK=512, BLOCK_D=128, BM=cfg[f"{pre}_bm"], BN=cfg[f"{pre}_bn"], ALIGNED=True, PREC="tf32"),
-               cfg[f"{pre}_warps"], cfg[f"{pre}_stages"], fs)
-    for kern, pre in ((mt._fwd_past_kernel, "fwd"), (mb._dq_past_kernel, "dq")):
-        report(kern, dict(CHUNK=512, BLOCK_D=128, BM=cfg[f"{pre}_bm"], BN=cfg[f"{pre}_bn"], EVEN=True, FIRST=False,
-                          PREC="tf32"), cfg[f"{pre}_warps"], cfg[f"{pre}_stages"], fs)
+    own = {"fwd": (mt._fwd_own_kernel, dict(HAS_PAST=True), {"O32": "*fp32", "OUT": "*bf16"}),
+           "dq": (mb._dq_own_kernel, dict(HAS_PAST=True, HAS_DLSE=False),
+                  {"O": "*bf16", "DQ32": "*fp32", "DQ": "*bf16"})}
+    for pre, (kern, flags, ptrs) in own.items():
+        report(kern, dict(CHUNK=512, BLOCK_D=128, BM=cfg[f"{pre}_bm"], BN=cfg[f"{pre}_bn"], ALIGNED=True, PREC="tf32",
+                          **flags), cfg[f"{pre}_warps"], cfg[f"{pre}_stages"], fs, ptr=ptrs)
+    past = {"fwd": (mt._fwd_past_kernel, {"O": "*fp32", "OUT": "*bf16"}),
+            "dq": (mb._dq_past_kernel, {"DQ32": "*fp32", "DQ": "*bf16"})}
+    for pre, (kern, ptrs) in past.items():
+        for tma in (False, True):  # the K/V tiles by pointer loads, or through [BN, D] TMA descriptors
+            desc = f"tensordesc<bf16[{cfg[f'{pre}_bn']}, 128]>" if tma else "*bf16"
+            report(kern, dict(CHUNK=512, BLOCK_D=128, BM=cfg[f"{pre}_bm"], BN=cfg[f"{pre}_bn"], EVEN=True, LAST=False,
+                              PREC="tf32", TMA=tma), cfg[f"{pre}_warps"], cfg[f"{pre}_stages"], fs,
+                   ptr={**ptrs, "DESC_K": desc, "DESC_V": desc})
     report(mb._dkdv_kernel, dict(BLOCK_D=128, BM=cfg["kv_bm"], BN=cfg["kv_bn"], PREC="tf32", EVEN_D=True, ROW64=False),
            cfg["kv_warps"], cfg["kv_stages"], fs)
