@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from megamod.ops import moba_triton as mt  # noqa: E402
+from megamod.ops import moba_plan as mp  # noqa: E402
 
 H, D = 16, 128
 for T, B, topk in ((131072, 512, 3), (262144, 4096, 12)):
@@ -19,7 +20,7 @@ for T, B, topk in ((131072, 512, 3), (262144, 4096, 12)):
     q, k, v, do = (torch.randn(T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
     cfg = mt.default_cfg(q, B)
-    plan = mt._plan(q, k, cu, T, B, topk, cfg)
+    plan = mp._plan(q, k, cu, T, B, topk, cfg)
     out, lse2 = mt._forward(q, k, v, plan, cfg)
     E = plan["tok"].numel()
     contig = dict(plan, tok=(torch.arange(E, device="cuda") % T).to(torch.int32))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from megamod.ops import moba_triton as mt  # noqa: E402
-from megamod.ops.moba_plan import gate_precision  # noqa: E402
+from megamod.ops import moba_plan as mp  # noqa: E402
 from megamod.ops.moba import moba_attn_varlen_reference, moba_select_blocks  # noqa: E402
 
 H, D = 16, 128
@@ -119,7 +119,8 @@ def check(log, only=None, cfgs=None):
         ok &= good
         log(f"check {str(dt)[6:]:8s} lens={lens} B={B} topk={topk} H={h}/{hkv} D={d}: "
             f"out {errs[0]:.2e} lse {errs[1]:.2e} dq {errs[2]:.2e} dk {errs[3]:.2e} dv {errs[4]:.2e} "
-            f"(tol {tol:g}) picks agree with torch fp32: {gate_precision(cfg or mt.default_cfg(q, B), dt)} {agree:.5f}, "
+            f"(tol {tol:g}) picks agree with torch fp32: "
+            f"{mp.gate_precision(cfg or mt.default_cfg(q, B), dt)} {agree:.5f}, "
             f"fma {agree_fma:.5f}, slot order {'ok' if slots_ok else 'WRONG'} -> {'OK' if good else 'FAIL'}")
     return ok
 
@@ -260,7 +261,7 @@ def sweep(T, B, topk, log, phases, base):
     torch.manual_seed(0)
     q, k, v, do = (torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(4))
     cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
-    plan = mt._plan(q, k, cu, T, B, topk, base)
+    plan = mp._plan(q, k, cu, T, B, topk, base)
     out, lse2 = mt._forward(q, k, v, plan, base)
     reps = 5 if T <= 131072 else 3
     best = {}
@@ -268,7 +269,7 @@ def sweep(T, B, topk, log, phases, base):
         for var in SWEEP[phase]:
             cfg = dict(base, **{f"{phase}_{a}": b for a, b in zip(PHASE_KEYS[phase], var)})
             if phase == "gate":
-                fn = lambda: mt._plan(q, k, cu, T, B, topk, cfg)  # noqa: E731
+                fn = lambda: mp._plan(q, k, cu, T, B, topk, cfg)  # noqa: E731
             else:
                 if phase == "fwd":
                     fn = lambda: mt._forward(q, k, v, plan, cfg)  # noqa: E731

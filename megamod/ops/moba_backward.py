@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from megamod.ops.moba_plan import LOG2E, _cdiv, _kv_descriptors, _prec, _query_tile, _store_own, _tiles
+from megamod.ops.moba_plan import (LOG2E, _cdiv, _kv_descriptors, _prec, _query_tile, _slot_tile, _store_own,
+                                   _tiles)
 
 
 @triton.jit
@@ -110,13 +111,7 @@ def _dq_past_kernel(Q, K, V, DESC_K, DESC_V, DO, LSE, DELTA, DQ32, DQ, TOK, SEG_
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
-    seg = tl.load(TILE_SEG + tile)
-    r = (tile - tl.load(TILE_FIRST + seg)) * BM + tl.arange(0, BM)
-    g = (seg // KS) % NBT  # seg = (h * NBT + g) * KS + s
-    h = seg // (KS * NBT)
-    seg_lo = tl.load(SEG_START + seg)
-    ok = r < tl.load(SEG_START + seg + 1) - seg_lo
-    rows = tl.load(TOK + seg_lo.to(tl.int64) + r, mask=ok, other=0).to(tl.int64)
+    r, g, h, ok, rows = _slot_tile(tile, TOK, SEG_START, TILE_SEG, TILE_FIRST, KS, NBT, BM)
     offs_d = tl.arange(0, BLOCK_D)
     qmask = ok[:, None] & (offs_d[None, :] < D)
     qp = rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
@@ -233,7 +228,8 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
     prec = _prec(q.dtype)
     dout = torch.zeros_like(out) if dout is None else dout.contiguous()
     delta = torch.empty(T, H, dtype=torch.float32, device=q.device)  # written by _dq_own_kernel
-    dlse = delta if dlse is None else dlse.contiguous().float()  # (not read without HAS_DLSE)
+    has_dlse = dlse is not None
+    dlse = dlse.contiguous().float() if has_dlse else delta  # without HAS_DLSE the pointer is not read
     # dQ: the own block first (with delta; it writes the fp32 rows of the tokens with picks), then
     # one pass per slot, the last (KS-1) writing dq in q's dtype
     dq = torch.empty_like(q)
@@ -243,14 +239,15 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
     _dq_own_kernel[(_cdiv(plan["max_seqlen"], BM), N, H)](
         q, k, v, out, dout, lse2, dlse, delta, dq32, dq, plan["cu"], qk_scale, sm_scale, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        ALIGNED=B % BM == 0 and BM % BN == 0, HAS_PAST=KS > 0, HAS_DLSE=dlse is not delta,
+        ALIGNED=B % BM == 0 and BM % BN == 0, HAS_PAST=KS > 0, HAS_DLSE=has_dlse,
         PREC=prec, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     if KS > 0:
         tiles = _tiles(plan, BM)
-        desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg.get("dq_tma"))
+        desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg["dq_tma"])
         for s in range(KS):
             _dq_past_kernel[(tiles["UB"],)](
-                q, k, v, desc_k, desc_v, dout, lse2, delta, dq32, dq, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+                q, k, v, desc_k, desc_v, dout, lse2, delta, dq32, dq, plan["tok"], plan["seg_bounds"],
+                tiles["tile_seg"],
                 tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
                 sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B,
                 BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1, PREC=prec, TMA=tma,

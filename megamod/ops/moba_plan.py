@@ -4,8 +4,8 @@ Steps 0-3 of megamod/ops/moba_triton.py's docstring (the attention kernels that 
 live there and in moba_backward.py): the block table of the packed batch, the block means of K, the
 gate (fp32 scores against the block means, running top-KS, sort keys of the (query, head, slot)
 entries), the sort of the entries into per-(head, block, slot) segments, and the tile schedule of
-the slot passes; also what the forward and backward kernels share (_query_tile, _store_own, _prec,
-LOG2E).
+the slot passes; also what the forward and backward kernels share (_query_tile, _slot_tile,
+_store_own, _prec, LOG2E).
 All device work, a few launches, no host synchronisation.
 """
 from __future__ import annotations
@@ -120,6 +120,18 @@ def _query_tile(CU, BM: tl.constexpr):
     m0 = tl.program_id(0) * BM
     pos = m0 + tl.arange(0, BM)
     return n, tl.program_id(2), s0, tl.load(CU + n + 1) - s0, m0, pos, (s0 + pos).to(tl.int64)
+
+
+@triton.jit
+def _slot_tile(tile, TOK, SEG_START, TILE_SEG, TILE_FIRST, KS, NBT, BM: tl.constexpr):
+    """Tile `tile` of a slot pass (forward and dQ; see _tiles): its BM entry indices r inside the
+    segment, the segment's block g and head h, which entries exist (ok) and their rows (int64)."""
+    seg = tl.load(TILE_SEG + tile)
+    r = (tile - tl.load(TILE_FIRST + seg)) * BM + tl.arange(0, BM)
+    seg_lo = tl.load(SEG_START + seg)
+    ok = r < tl.load(SEG_START + seg + 1) - seg_lo
+    rows = tl.load(TOK + seg_lo.to(tl.int64) + r, mask=ok, other=0).to(tl.int64)
+    return r, (seg // KS) % NBT, seg // (KS * NBT), ok, rows  # seg = (h * NBT + g) * KS + s
 
 
 @triton.jit
@@ -280,12 +292,12 @@ def _plan_blocks(q, k, cu, max_seqlen, B, topk):
 
 def _plan_picks(q, k, plan, cfg):
     """The rest of the plan, into ``plan``: gate (sort keys), sort, entries; returns the plan."""
-    KS, H, NBT, dev, blk_first = plan["KS"], plan["H"], plan["NBT"], q.device, plan["blk_first"]
+    KS, H, NBT, dev = plan["KS"], plan["H"], plan["NBT"], q.device
     if KS == 0:
         return plan
     # sort key of every (token, head, slot) entry: segment (h * NBT + g) * KS + s, so the slots
     # of one (head, block) are adjacent and dK/dV reads them as one run; NSEG ("no pick") last
-    key = _gate(q, k, plan, blk_first, cfg, key=True).view(-1)  # [T*H*KS], t-major
+    key = _gate(q, k, plan, cfg, key=True).view(-1)  # [T*H*KS], t-major
     NSEG = KS * H * NBT
     skey, perm = torch.sort(key, stable=True)  # stable: tokens ascending inside a segment
     del key
@@ -308,8 +320,8 @@ def _kv_descriptors(k, v, B, BN, on):
     T, Hkv, D = k.shape
     if not (on and B % BN == 0 and D == triton.next_power_of_2(D)):
         return k, v, False
-    dk, dv = (TensorDescriptor.from_tensor(x.view(T, Hkv * D), [BN, D]) for x in (k, v))
-    return dk, dv, True
+    desc_k, desc_v = (TensorDescriptor.from_tensor(x.view(T, Hkv * D), [BN, D]) for x in (k, v))
+    return desc_k, desc_v, True
 
 
 def gate_precision(cfg, dtype: torch.dtype) -> str:
@@ -319,7 +331,7 @@ def gate_precision(cfg, dtype: torch.dtype) -> str:
     return "tf32x3" if prec == "bf16split" and dtype != torch.bfloat16 else prec
 
 
-def _gate(q, k, plan, blk_first, cfg, key=False):
+def _gate(q, k, plan, cfg, key=False):
     """[T, H, KS] int32 picks of the Triton gate (global block ids, -1 = none), or with key the
     sort keys of the entries (see _gate_kernel)."""
     T, H, D = q.shape
@@ -335,7 +347,7 @@ def _gate(q, k, plan, blk_first, cfg, key=False):
                                    mean.stride(0), mean.stride(1), stride_mp, D, BLOCK_D=BLOCK_D, BR=32, SPLIT=split)
     sel = torch.empty(T, H, KS, dtype=torch.int32, device=q.device)
     _gate_kernel[(_cdiv(plan["max_seqlen"], cfg["gate_bm"]), N, H)](
-        q, mean, sel, plan["cu"], blk_first, q.stride(0), q.stride(1), mean.stride(0),
+        q, mean, sel, plan["cu"], plan["blk_first"], q.stride(0), q.stride(1), mean.stride(0),
         mean.stride(1), stride_mp, sel.stride(0), sel.stride(1), H // Hkv, D, NBT, CHUNK=B, KS=KS,
         KSP=triton.next_power_of_2(KS), BLOCK_D=BLOCK_D, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
         DC=cfg["gate_dc"], PREC=prec, KEY=key, num_warps=cfg["gate_warps"],

@@ -29,9 +29,10 @@ megamod/ops/moba_plan.py; 4 here; 5 in megamod/ops/moba_backward.py):
                           occurs in one segment only, so the read-modify-write needs no atomics.
   5. backward             exact; dQ in the same order: the own block first (which also computes
                           delta = rowsum(dO * O) - dlse), then the slot passes 0 .. KS-1 into the
-                          fp32 rows, the last writing dq; dK/dV per (block, key tile, kv head): own-block queries, then every
-                          segment that picked the block, for each query head of the GQA group.
-                          No atomics anywhere, so results are deterministic.
+                          fp32 rows, the last writing dq; dK/dV per (block, key tile, kv head):
+                          own-block queries, then every segment that picked the block, for each
+                          query head of the GQA group. No atomics anywhere, so results are
+                          deterministic.
 Memory is linear in T: picks and the sorted entry list are T*H*KS int32, fp32 accumulators
 T*H*D. Everything is computed in base 2 (exp2) with log2(e) folded into the scale.
 """
@@ -42,9 +43,8 @@ import triton
 import triton.language as tl
 
 from megamod.ops.moba_backward import _backward
-from megamod.ops.moba_plan import _plan  # noqa: F401  (re-exported: benchmarks build plans through this module)
 from megamod.ops.moba_plan import (LOG2E, _cdiv, _gate, _kv_descriptors, _plan_blocks, _plan_picks, _prec,
-                                   _query_tile, _store_own, _tiles)
+                                   _query_tile, _slot_tile, _store_own, _tiles)
 
 LN2 = 0.6931471805599453
 
@@ -194,13 +194,7 @@ def _fwd_past_kernel(Q, K, V, DESC_K, DESC_V, O, OUT, LSE, TOK, SEG_START, TILE_
     tile = tl.load(PASS_LO + s) + tl.program_id(0)
     if tile >= tl.load(PASS_LO + s + 1):
         return
-    seg = tl.load(TILE_SEG + tile)
-    r = (tile - tl.load(TILE_FIRST + seg)) * BM + tl.arange(0, BM)
-    g = (seg // KS) % NBT  # seg = (h * NBT + g) * KS + s
-    h = seg // (KS * NBT)
-    seg_lo = tl.load(SEG_START + seg)
-    ok = r < tl.load(SEG_START + seg + 1) - seg_lo
-    rows = tl.load(TOK + seg_lo.to(tl.int64) + r, mask=ok, other=0).to(tl.int64)
+    r, g, h, ok, rows = _slot_tile(tile, TOK, SEG_START, TILE_SEG, TILE_FIRST, KS, NBT, BM)
     offs_d = tl.arange(0, BLOCK_D)
     qmask = ok[:, None] & (offs_d[None, :] < D)
     q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=qmask, other=0.0)
@@ -250,7 +244,7 @@ def moba_gate_triton(q, k, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk, c
     plan = _plan_blocks(q, k, cu_seqlens, max_seqlen, moba_chunk_size, moba_topk)
     if moba_topk == 1:
         return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int32, device=q.device)
-    return _gate(q, k, plan, plan["blk_first"], cfg)
+    return _gate(q, k, plan, cfg)
 
 
 def _forward_own(q, k, v, plan, cfg):
@@ -276,12 +270,13 @@ def _forward_past(q, k, v, out, o32, lse2, plan, cfg):
     H, D, KS, B, NBT = (plan[x] for x in ("H", "D", "KS", "B", "NBT"))
     BM, BN = cfg["fwd_bm"], cfg["fwd_bn"]
     tiles = _tiles(plan, BM)
-    desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg.get("fwd_tma"))
+    desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg["fwd_tma"])
     for s in range(KS):
         _fwd_past_kernel[(tiles["UB"],)](
-            q, k, v, desc_k, desc_v, o32, out, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"], tiles["tile_first"],
-            tiles["pass_lo"], plan["blk_start"], s, KS, NBT, D**-0.5 * LOG2E, q.stride(0), q.stride(1), k.stride(0),
-            k.stride(1), o32.stride(0), o32.stride(1), lse2.stride(0), H // plan["Hkv"], D, CHUNK=B,
+            q, k, v, desc_k, desc_v, o32, out, lse2, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+            tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, D**-0.5 * LOG2E, q.stride(0),
+            q.stride(1), k.stride(0), k.stride(1), o32.stride(0), o32.stride(1), lse2.stride(0), H // plan["Hkv"], D,
+            CHUNK=B,
             BLOCK_D=triton.next_power_of_2(D), BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1,
             PREC=_prec(q.dtype), TMA=tma, num_warps=cfg["fwd_warps"], num_stages=cfg["fwd_stages"])
 
