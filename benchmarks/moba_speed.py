@@ -334,7 +334,7 @@ def main():
     overrides = {}
     for kv in filter(None, args.cfg.split(",")):
         a, b = kv.split("=")
-        overrides[a] = b if a == "gate_prec" else int(b)
+        overrides[a] = b if a in ("gate_prec", "kv_impl") else int(b)
     mt.GPU_CFG.update(overrides)
     cfg = dict(mt.GPU_CFG)
     import triton

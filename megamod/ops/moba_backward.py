@@ -5,7 +5,8 @@ rows, which everything after it reads), then slot passes 0 .. KS-1 into fp32, th
 dK/dV per (block, key tile, kv head): own-block queries, then every segment that picked the block,
 for each query head of the GQA group. No atomics, so results are deterministic (dQ added atomically
 inside the dK/dV loop, as FlashAttention-2 does, measured 1.4-1.7x slower: NOTES_moba.md, session
-4). Tile configs: moba_triton.GPU_CFG.
+4). Tile configs: moba_triton.GPU_CFG. On Hopper, for bf16 inputs, dK/dV runs the Gluon kernel of
+moba_gluon.py instead (cfg kv_impl="gluon", the default there; same contract, same results).
 """
 from __future__ import annotations
 
@@ -253,12 +254,17 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
                 BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1, PREC=prec, TMA=tma,
                 num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     del dq32
-    # dK, dV: one program per (block, key tile, kv head)
+    # dK, dV: one program per (block, key tile, kv head); in Gluon on Hopper (moba_gluon)
+    tok, bounds = (plan["tok"], plan["seg_bounds"]) if KS > 0 else (plan["blk_len"], plan["blk_len"])
+    if cfg["kv_impl"] == "gluon" and q.is_cuda:  # (Gluon is imported on the GPU only)
+        from megamod.ops import moba_gluon
+        if moba_gluon.supported(q, k, tok):
+            dk, dv = moba_gluon.dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale)
+            return dq, dk, dv
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     BM, BN = cfg["kv_bm"], cfg["kv_bn"]
     assert BN % BM == 0, "kv_bn must be a multiple of kv_bm (the diagonal loop covers BN rows)"
     NKT = _cdiv(B, BN)
-    tok, bounds = (plan["tok"], plan["seg_bounds"]) if KS > 0 else (plan["blk_len"], plan["blk_len"])
     _dkdv_kernel[(NBT * NKT, Hkv)](
         q, k, v, dout, lse2, delta, dk, dv, tok, bounds,
         plan["blk_start"], plan["blk_len"], H, NBT, NKT, KS, qk_scale, sm_scale,

@@ -31,8 +31,8 @@ megamod/ops/moba_plan.py; 4 here; 5 in megamod/ops/moba_backward.py):
                           delta = rowsum(dO * O) - dlse), then the slot passes 0 .. KS-1 into the
                           fp32 rows, the last writing dq; dK/dV per (block, key tile, kv head):
                           own-block queries, then every segment that picked the block, for each
-                          query head of the GQA group. No atomics anywhere, so results are
-                          deterministic.
+                          query head of the GQA group (on Hopper in Gluon: moba_gluon.py). No
+                          atomics anywhere, so results are deterministic.
 Memory is linear in T: picks and the sorted entry list are T*H*KS int32, fp32 accumulators
 T*H*D. Everything is computed in base 2 (exp2) with log2(e) folded into the scale.
 """
@@ -63,10 +63,12 @@ LN2 = 0.6931471805599453
 # (shared memory).
 # Slot passes (forward, dQ) stream their block's K/V tiles by TMA (session 4, 17:55 UTC): forward
 # -3% at 256K/4096 (219.0 -> 212.1 ms), -4% at 128K/512 (5.68 -> 5.45 ms); dQ backward -1%.
+# kv_impl "gluon": dK/dV by moba_gluon's kernel where it applies (Hopper, bf16, head dim 128; the
+# kv_* tiles above are the Triton kernel's, used elsewhere): 1.25-1.36x faster (session 5).
 GPU_CFG = dict(
     fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3, fwd_tma=1,
     dq_bm=128, dq_bn=64, dq_warps=8, dq_stages=3, dq_tma=1,
-    kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=3,
+    kv_bm=64, kv_bn=128, kv_warps=8, kv_stages=3, kv_impl="gluon",
     gate_bm=64, gate_nblk=64, gate_dc=4, gate_warps=4, gate_prec="bf16split", gate_stages=2,
 )
 # Long blocks (session 4 gate sweep at 1M/4096/12, gate+plan): bf16split 35.1 ms at 32 blocks per
@@ -76,7 +78,7 @@ GPU_CFG_LONG_BLOCKS = dict(fwd_bm=128, fwd_bn=64, fwd_warps=8, fwd_stages=3,  # 
 INTERP_CFG = dict(  # TMA on: the test cases whose chunk is a multiple of 16 and D a power of 2 take it
     fwd_bm=16, fwd_bn=16, fwd_warps=4, fwd_stages=1, fwd_tma=1,
     dq_bm=16, dq_bn=16, dq_warps=4, dq_stages=1, dq_tma=1,
-    kv_bm=16, kv_bn=16, kv_warps=4, kv_stages=1,
+    kv_bm=16, kv_bn=16, kv_warps=4, kv_stages=1, kv_impl="triton",  # Gluon has no interpreter
     gate_bm=16, gate_nblk=16, gate_dc=8, gate_warps=4, gate_prec="fma",
 )
 
