@@ -195,6 +195,15 @@ GATE_KEYS = ("bm", "nblk", "dc", "warps", "prec", "stages")
 PHASE_KEYS = dict(gate=GATE_KEYS, **{p: ("bm", "bn", "warps", "stages") for p in ("fwd", "dq", "kv")})
 
 
+def sweep_cfg(base, phase, var):
+    """base with one phase's tile config replaced; the kv tiles are the Triton dK/dV kernel's, so
+    their sweep runs that kernel (the Gluon one has fixed tiles, moba_gluon.BM/BN)."""
+    cfg = dict(base, **{f"{phase}_{a}": b for a, b in zip(PHASE_KEYS[phase], var)})
+    if phase == "kv":
+        cfg["kv_impl"] = "triton"
+    return cfg
+
+
 def sweep(T, B, topk, log, phases, base):
     """Time each phase (gate+plan, forward attention, backward) for a few tile configs at one
     point; each variant changes one phase's config only, the rest stays at base."""
@@ -207,7 +216,7 @@ def sweep(T, B, topk, log, phases, base):
     best = {}
     for phase in phases:
         for var in SWEEP[phase]:
-            cfg = dict(base, **{f"{phase}_{a}": b for a, b in zip(PHASE_KEYS[phase], var)})
+            cfg = sweep_cfg(base, phase, var)
             if phase == "gate":
                 fn = lambda: mp._plan(q, k, cu, T, B, topk, cfg)  # noqa: E731
             else:
@@ -257,8 +266,7 @@ def warm(sweeps, points, overrides, workers, log, with_check=True):
         base = dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)
         for phase in phases:
             for var in SWEEP[phase]:
-                jobs.append(dict(kind="run", B=B, topk=topk,
-                                 cfg=dict(base, **{f"{phase}_{a}": b for a, b in zip(PHASE_KEYS[phase], var)})))
+                jobs.append(dict(kind="run", B=B, topk=topk, cfg=sweep_cfg(base, phase, var)))
     for B, topk in sorted(set(points)):
         jobs.append(dict(kind="run", B=B, topk=topk,
                          cfg=dict(mt.default_cfg(torch.empty(0, device=DEV, dtype=torch.bfloat16), B), **overrides)))
