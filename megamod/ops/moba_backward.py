@@ -10,6 +10,8 @@ moba_gluon.py instead (cfg kv_impl="gluon", the default there; same contract, sa
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -218,6 +220,17 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK
     tl.store(DV + kp, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
+@functools.lru_cache(maxsize=None)
+def _moba_gluon():
+    """megamod.ops.moba_gluon, or None where this Triton has no Gluon (or not the parts it uses):
+    the Triton dK/dV kernel then runs instead."""
+    try:
+        from megamod.ops import moba_gluon
+    except (ImportError, AttributeError):
+        return None
+    return moba_gluon
+
+
 def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
     """dq, dk, dv; dlse (the gradient of the ln-based lse output) may be None."""
     T, H, D, N, KS, B, NBT = (plan[x] for x in ("T", "H", "D", "N", "KS", "B", "NBT"))
@@ -257,9 +270,9 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
     # dK, dV: one program per (block, key tile, kv head); in Gluon on Hopper (moba_gluon)
     tok, bounds = (plan["tok"], plan["seg_bounds"]) if KS > 0 else (plan["blk_len"], plan["blk_len"])
     if cfg["kv_impl"] == "gluon" and q.is_cuda:  # (Gluon is imported on the GPU only)
-        from megamod.ops import moba_gluon
-        if moba_gluon.supported(q, k, tok):
-            dk, dv = moba_gluon.dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale)
+        gluon_kv = _moba_gluon()
+        if gluon_kv is not None and gluon_kv.supported(q, k, tok):
+            dk, dv = gluon_kv.dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale)
             return dq, dk, dv
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     BM, BN = cfg["kv_bm"], cfg["kv_bn"]

@@ -54,3 +54,21 @@ def test_gluon_dkdv_is_not_chosen_off_hopper():
     tok = torch.zeros(4, dtype=torch.int32)
     assert not mg.supported(q, q, tok)  # CPU tensors
     assert not mg.supported(q.float(), q.float(), tok)
+
+
+def test_a_triton_without_gluon_falls_back_to_the_triton_kernel(monkeypatch):
+    import sys
+
+    from megamod.ops import moba_backward as mb
+
+    import megamod.ops
+
+    mb._moba_gluon.cache_clear()
+    monkeypatch.setitem(sys.modules, "megamod.ops.moba_gluon", None)  # the import raises ImportError
+    monkeypatch.delattr(megamod.ops, "moba_gluon", raising=False)
+    try:
+        assert mb._moba_gluon() is None
+    finally:
+        mb._moba_gluon.cache_clear()
+    monkeypatch.undo()
+    assert mb._moba_gluon() is not None
