@@ -31,6 +31,7 @@ CHECK_CASES = [  # lens, chunk, topk, H, Hkv, D, dtype
     ([2500, 1700], 128, 4, 4, 1, 64, torch.float32),
     ([777, 1290], 100, 3, 4, 4, 96, torch.float32),
     ([8192], 4096, 12, 16, 16, 128, torch.bfloat16),  # the long-block kernels (1M point's configs)
+    ([3000, 1000], 256, 4, 8, 2, 64, torch.bfloat16),  # head dim 64 (the Gluon dK/dV's other shape)
 ]
 
 

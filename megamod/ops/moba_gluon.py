@@ -17,8 +17,8 @@ that the schedule is ours instead of the pipeliner's:
     (the Triton kernel spills at 255).
 
 Measured on an H100 (benchmarks/NOTES_moba.md, session 5): dK/dV 1.36x faster at 32K/512, 1.25x
-at 128K/512, 1.28x at 1M/4096, and bit-identical to the Triton kernel's dk/dv (same products in
-the same order). Gluon has no CPU interpreter: CI compiles the kernel for sm_90 offline
+at 128K/512, 1.28x at 1M/4096 (head dim 128; the whole backward 1.24-1.29x at head dim 64), and
+bit-identical to the Triton kernel's dk/dv (same products in the same order). Gluon has no CPU interpreter: CI compiles the kernel for sm_90 offline
 (tests/unit/test_moba_gluon.py); correctness runs on the GPU (benchmarks/moba_check.py).
 """
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _kv_loop(dk, dv, k_s, v_s, q_s, do_s, l_s, d_s, Q, DO, LSE, DELTA, TOK, tok0
 @gluon.jit
 def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK_LEN, NBT, NKT, KS, qk_scale,
                        sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, G, D: gl.constexpr,
-                       BM: gl.constexpr, BN: gl.constexpr, num_warps: gl.constexpr):
+                       BM: gl.constexpr, BN: gl.constexpr, TPW_D: gl.constexpr, num_warps: gl.constexpr):
     """dK, dV of BN keys of block g for kv head hk (moba_backward._dkdv_kernel's contract; bf16,
     int32 offsets)."""
     pid = gl.program_id(0)
@@ -130,7 +130,8 @@ def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_STAR
     blen = gl.load(BLK_LEN + g)
     if n_lo < blen:
         start = gl.load(BLK_START + g)
-        LD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])  # 16-byte row chunks
+        # loads: 16-byte chunks of a row, TPW_D = D / 8 threads across a row
+        LD: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_D, TPW_D], [num_warps, 1], [1, 0])
         MMA_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                          instr_shape=[16, BM, 16])
         MMA_D: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -177,10 +178,10 @@ def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_STAR
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, tok: torch.Tensor) -> bool:
-    """Whether the Gluon dK/dV applies: a Hopper GPU (wgmma is sm_90 only), bf16, head dim 128
-    (the measured shape), offsets that fit in int32."""
+    """Whether the Gluon dK/dV applies: a Hopper GPU (wgmma is sm_90 only), bf16, head dim 64 or 128
+    (the shapes checked on the GPU), offsets that fit in int32."""
     return (q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype == torch.bfloat16
-            and q.shape[-1] == 128 and max(q.numel(), k.numel(), tok.numel()) <= 2**31)
+            and q.shape[-1] in (64, 128) and max(q.numel(), k.numel(), tok.numel()) <= 2**31)
 
 
 def dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale):
@@ -192,5 +193,5 @@ def dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale):
     _dkdv_gluon_kernel[(plan["NBT"] * NKT, Hkv)](
         q, k, v, dout, lse2, delta, dk, dv, tok, bounds, plan["blk_start"], plan["blk_len"], plan["NBT"], NKT,
         plan["KS"], qk_scale, sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), H // Hkv,
-        D=D, BM=BM, BN=BN, num_warps=NUM_WARPS)
+        D=D, BM=BM, BN=BN, TPW_D=D // 8, num_warps=NUM_WARPS)
     return dk, dv

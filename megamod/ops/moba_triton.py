@@ -63,7 +63,7 @@ LN2 = 0.6931471805599453
 # (shared memory).
 # Slot passes (forward, dQ) stream their block's K/V tiles by TMA (session 4, 17:55 UTC): forward
 # -3% at 256K/4096 (219.0 -> 212.1 ms), -4% at 128K/512 (5.68 -> 5.45 ms); dQ backward -1%.
-# kv_impl "gluon": dK/dV by moba_gluon's kernel where it applies (Hopper, bf16, head dim 128; the
+# kv_impl "gluon": dK/dV by moba_gluon's kernel where it applies (Hopper, bf16, head dim 64 or 128; the
 # kv_* tiles above are the Triton kernel's, used elsewhere): 1.25-1.36x faster (session 5).
 GPU_CFG = dict(
     fwd_bm=64, fwd_bn=64, fwd_warps=4, fwd_stages=3, fwd_tma=1,

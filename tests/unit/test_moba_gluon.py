@@ -8,10 +8,12 @@ import re
 import subprocess
 import tempfile
 
+import pytest
 import torch
 
 
-def test_gluon_dkdv_compiles_for_hopper_with_overlapped_wgmma():
+@pytest.mark.parametrize("D", [64, 128])
+def test_gluon_dkdv_compiles_for_hopper_with_overlapped_wgmma(D):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -21,11 +23,11 @@ def test_gluon_dkdv_compiles_for_hopper_with_overlapped_wgmma():
     fn = mg._dkdv_gluon_kernel
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16", "LSE": "*fp32",
             "DELTA": "*fp32", "TOK": "*i32", "SEG_START": "*i32", "BLK_START": "*i32", "BLK_LEN": "*i32"}
-    const = dict(D=128, BM=mg.BM, BN=mg.BN, num_warps=mg.NUM_WARPS)
+    const = dict(D=D, BM=mg.BM, BN=mg.BN, TPW_D=D // 8, num_warps=mg.NUM_WARPS)
     sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n.endswith("scale") else "i32")
            for n in fn.arg_names}
-    # as the JIT specializes a launch: pointers and the row strides of q/k (multiples of the head dim
-    # 128) are multiples of 16; lse's row stride is the head count, any value
+    # as the JIT specializes a launch: pointers and the row strides of q/k (multiples of the head dim)
+    # are multiples of 16; lse's row stride is the head count, any value
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n in ptrs or n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh")}
     k = triton.compile(GluonASTSource(fn, sig, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
