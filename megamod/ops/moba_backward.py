@@ -5,8 +5,9 @@ rows, which everything after it reads), then slot passes 0 .. KS-1 into fp32, th
 dK/dV per (block, key tile, kv head): own-block queries, then every segment that picked the block,
 for each query head of the GQA group. No atomics, so results are deterministic (dQ added atomically
 inside the dK/dV loop, as FlashAttention-2 does, measured 1.4-1.7x slower: NOTES_moba.md, session
-4). Tile configs: moba_triton.GPU_CFG. On Hopper, for bf16 inputs, dK/dV runs the Gluon kernel of
-moba_gluon.py instead (cfg kv_impl="gluon", the default there; same contract, same results).
+4). Tile configs: moba_triton.GPU_CFG. On Hopper, for bf16 inputs of head dim 64 or 128, dK/dV runs
+the Gluon kernel of moba_gluon.py instead (cfg kv_impl="gluon", the default there; same contract,
+same results).
 """
 from __future__ import annotations
 
