@@ -75,6 +75,9 @@ def _kv_loop(dk, dv, k_s, v_s, q_s, do_s, l_s, d_s, Q, DO, LSE, DELTA, TOK, tok0
         RL: gl.constexpr = gl.SliceLayout(1, LD)
         CL: gl.constexpr = gl.SliceLayout(0, MMA_S)
         L1: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        # the previous loop's last step may still be reading slot 0 in another warp (lse/delta, or a
+        # warpgroup's last dK product): wait for every warp before refilling the ring
+        _cta_barrier()
         rows = _tile_rows(TOK, tok0, row0, m_lo, m_hi, BM, GATHER, RL)
         _issue_rows(q_s.index(0), do_s.index(0), l_s.index(0), d_s.index(0), Q, DO, LSE, DELTA, rows, h, stride_qt,
                     stride_qh, stride_lt, D, LD, L1)
