@@ -30,6 +30,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma, warpgroup_mma_init,
                                                                warpgroup_mma_wait)
 
+from megamod.ops.moba_plan import _cdiv
+
 # Names that moved between Triton 3.6 (the GPU image) and later releases (PyPI's, which compiles
 # the kernel offline in CI): cp.async of a pointer tensor, and the CTA-wide barrier.
 _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -191,7 +193,7 @@ def dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale):
     """dk, dv (as moba_backward._backward's Triton kernel computes them)."""
     T, H, D = q.shape
     Hkv = k.shape[1]
-    NKT = (plan["B"] + BN - 1) // BN
+    NKT = _cdiv(plan["B"], BN)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     _dkdv_gluon_kernel[(plan["NBT"] * NKT, Hkv)](
         q, k, v, dout, lse2, delta, dk, dv, tok, bounds, plan["blk_start"], plan["blk_len"], plan["NBT"], NKT,
