@@ -129,7 +129,7 @@ def _routing_parts(cfg, device, iters: int, compile: bool, profile: str | None =
     from megamod.train.engine import resolve_precision
 
     precision = resolve_precision(cfg, device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if precision in ("bf16", "master_fused") else torch.float32
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "autocast"
                 else contextlib.nullcontext())
     timed = _timer(device)

@@ -10,11 +10,15 @@ seq 2048, micro-batch 8, untied embeddings.
 (a) HF LlamaForCausalLM, fp32 weights + bf16 autocast, fused AdamW, SDPA attention, eager;
 (b) the same under torch.compile;
 (c) megamod: the real Trainer.train_step through the DeepSpeed engine, ZeRO-0 with
-    train.bf16_mode auto = autocast (fp32 weights, bf16 autocast, fused AdamW that clips in its
-    kernel), --compile compiles each block; --zero-stage picks another stage;
+    train.bf16_mode auto = master_fused on one GPU (bf16 weights; MasterAdamW holds the fp32
+    master weights and moments, clips and steps them in one kernel), --compile compiles each
+    block; --zero-stage picks another stage;
+(ca) (c) with train.bf16_mode autocast (fp32 weights, bf16 autocast, a fused AdamW that clips in
+    its kernel): (c) before master_fused;
 (c1) the same trainer at ZeRO-1, bf16_mode auto = master_weights (bf16 weights, fp32 master
     weights in DeepSpeed's optimizer): the issue's original (c);
-(d) megamod's model without DeepSpeed in HF's recipe;
+(d) megamod's model without DeepSpeed in HF's recipe (dl: its loss compiled; dm: dl with bf16
+    weights and MasterAdamW);
 (2b) the trainer as (c) on the 2b flavour (d 2560, 24 layers, 20 heads, FFN 6912) at --micro-batch-2b.
 Each: warm-up excluded, median of --steps steps, CUDA-synchronised wall time per step.
 MFU by the PaLM formula: (6N + 12·L·d·S) FLOPs per token, N = parameters other than the input
@@ -93,7 +97,7 @@ def shape_2b(args) -> argparse.Namespace:
                                  "micro_batch": args.micro_batch_2b, "grad_accum": args.grad_accum_2b})
 
 
-def bench_megamod(args, device, zero_stage: int) -> dict:
+def bench_megamod(args, device, zero_stage: int, extra: tuple[str, ...] = ()) -> dict:
     import torch.distributed as dist
 
     from megamod.config import load_config
@@ -112,7 +116,7 @@ def bench_megamod(args, device, zero_stage: int) -> dict:
                  "--train.compile", str(args.compile).lower(), "--train.activation_checkpointing",
                  str(args.ac).lower(), "--data.synthetic", "true", "--checkpoint.resume", "false",
                  "--logging.tensorboard", "false", "--train.run_dir", "/tmp/megamod-throughput",
-                 "--train.device", device.type, *args.overrides]
+                 "--train.device", device.type, *extra, *args.overrides]
     cfg = load_config(None, overrides)
     if not dist.is_initialized():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29591")
@@ -153,10 +157,11 @@ def _profile(step, device, path: str, iters: int = 3) -> None:
     print("\n".join(table.splitlines()[-2:]))  # totals; "Self CPU" includes time waiting in synchronize calls
 
 
-def bench_megamod_plain(args, device, compile_loss: bool = False) -> dict:
+def bench_megamod_plain(args, device, compile_loss: bool = False, master: bool = False) -> dict:
     """megamod's model without DeepSpeed, in HF's recipe (fp32 weights + bf16 autocast, fused
     AdamW, blocks compiled): separates the model code's speed from the engine's overhead.
-    ``compile_loss``: the cross-entropy over the (B, S, V) logits under torch.compile too."""
+    ``compile_loss``: the cross-entropy over the (B, S, V) logits under torch.compile too.
+    ``master``: bf16 weights with megamod's MasterAdamW (fp32 master weights) instead of autocast."""
     from megamod.config import load_config
     from megamod.model.gpt import build_model, count_parameters
     from megamod.model.transforms import apply_compile
@@ -169,9 +174,15 @@ def bench_megamod_plain(args, device, compile_loss: bool = False) -> dict:
     model = build_model(cfg, device=device)
     if args.compile:
         apply_compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if master:
+        from megamod.train.master_adamw import MasterAdamW
+
+        opt = MasterAdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, max_norm=1.0)
+        model.to(torch.bfloat16)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, args.vocab, (args.micro_batch, args.seq + 1), device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not master)
     loss_fn = torch.compile(lm_loss) if compile_loss else lm_loss
 
     def step():
@@ -182,7 +193,8 @@ def bench_megamod_plain(args, device, compile_loss: bool = False) -> dict:
         opt.zero_grad(set_to_none=True)
 
     times = time_steps(step, device, args.warmup + (2 if args.compile else 0), args.steps)
-    label = "megamod model, no DeepSpeed (HF recipe" + (", compiled loss)" if compile_loss else ")")
+    label = ("megamod model, no DeepSpeed (" + ("bf16 + MasterAdamW" if master else "HF recipe")
+             + (", compiled loss)" if compile_loss else ")"))
     out = _summary(label, times, args, count_parameters(cfg.model)["non_embedding"], device)
     del model, opt
     return out
@@ -207,8 +219,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--which", default="a,b,c",
                     help="a: HF eager, b: HF compiled, c: megamod trainer (--zero-stage), c1: megamod trainer at "
-                         "ZeRO-1 (bf16 master weights), d: megamod model without DeepSpeed, dl: d with the loss "
-                         "compiled, 2b: trainer (c) on the 2b flavour at --micro-batch-2b")
+                         "ZeRO-1 (bf16 master weights), ca: c with train.bf16_mode autocast, d: megamod model without DeepSpeed, dl: d with the loss "
+                         "compiled, dm: dl with bf16 weights and MasterAdamW, 2b: trainer (c) on the 2b flavour at --micro-batch-2b")
     ap.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of variant c")
     ap.add_argument("--micro-batch-2b", type=int, default=4)
     ap.add_argument("--grad-accum-2b", type=int, default=1, help="micro-batches per optimizer step of variant 2b")
@@ -244,7 +256,9 @@ def main() -> None:
         args.variant = w
         r = {"a": lambda: bench_hf(args, device, False), "b": lambda: bench_hf(args, device, True),
              "c": lambda: bench_megamod(args, device, args.zero_stage), "c1": lambda: bench_megamod(args, device, 1),
+             "ca": lambda: bench_megamod(args, device, args.zero_stage, ("--train.bf16_mode", "autocast")),
              "d": lambda: bench_megamod_plain(args, device), "dl": lambda: bench_megamod_plain(args, device, True),
+             "dm": lambda: bench_megamod_plain(args, device, True, master=True),
              "2b": lambda: bench_megamod(shape_2b(args), device, args.zero_stage)}[w]()
         r.update(variant=w, wall_s=time.perf_counter() - t0)
         results.append(r)
@@ -257,7 +271,7 @@ def main() -> None:
         print(f"{r['variant']:<4}{r['name'][:57]:<58}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
               f"{r['mfu']:>7.1%}{r['peak_mem_gib']:>9.1f}{r['wall_s']:>8.0f}")
     by = {r["variant"]: r for r in results}
-    for v in ("c", "c1", "d", "dl"):
+    for v in ("c", "ca", "c1", "d", "dl", "dm"):
         if v in by and "b" in by:
             print(f"({v})/(b) = {by[v]['tokens_per_s'] / by['b']['tokens_per_s']:.3f}")
     if args.json:

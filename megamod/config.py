@@ -119,11 +119,14 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "bf16 on GPU, fp32 on CPU")
     activation_checkpointing: bool = _f(False, "recompute each block in backward to save memory")
     compile: bool = _f(False, "torch.compile each block")
-    bf16_mode: Literal["auto", "master_weights", "autocast"] = _f(
-        "auto", "how bf16 training runs (train.dtype bf16): 'master_weights' keeps bf16 weights and gradients with "
-        "fp32 master weights inside DeepSpeed's ZeRO optimizer; 'autocast' keeps fp32 weights and runs matmuls in "
-        "bf16 under torch.autocast (DeepSpeed's torch_autocast mode; at optim.zero_stage 0 a fused AdamW clips "
-        "in its own kernel, the fastest single-GPU step); 'auto': autocast at optim.zero_stage 0, else master_weights")
+    bf16_mode: Literal["auto", "master_fused", "master_weights", "autocast"] = _f(
+        "auto", "how bf16 training runs (train.dtype bf16): 'master_fused' keeps bf16 weights and megamod's "
+        "MasterAdamW holds the fp32 master weights and moments, stepped (and clipped) in one fused kernel (one "
+        "rank at optim.zero_stage 0: the fastest single-GPU step); 'master_weights' keeps bf16 weights and gradients "
+        "with fp32 master weights inside DeepSpeed's ZeRO optimizer; 'autocast' keeps fp32 weights and runs "
+        "matmuls in bf16 under torch.autocast (DeepSpeed's torch_autocast mode; at optim.zero_stage 0 a fused AdamW "
+        "clips in its own kernel); 'auto': master_fused on one rank at optim.zero_stage 0, autocast on more ranks "
+        "at zero_stage 0, else master_weights")
     eval_interval: int = _f(50, "evaluate every N steps (0: only at the end)")
     eval_steps: int = _f(10, "validation micro-batches per evaluation")
     log_interval: int = _f(10, "console/TensorBoard logging interval in steps")
@@ -377,6 +380,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"--mod.layers {bad} outside 0..{m.n_layers - 1}")
     if cfg.optim.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--optim.zero_stage {cfg.optim.zero_stage} must be 0, 1, 2 or 3")
+    if t.bf16_mode == "master_fused" and (cfg.optim.zero_stage != 0 or world_size != 1):
+        # Its optimizer holds every master weight and gradient itself: nothing is partitioned,
+        # reduced or shared between ranks.
+        raise ConfigError(f"--train.bf16_mode master_fused runs on one rank at --optim.zero_stage 0 (this run: "
+                          f"{world_size} ranks, ZeRO-{cfg.optim.zero_stage}); use --train.bf16_mode master_weights "
+                          f"(ZeRO >= 1) or autocast, or leave it at auto")
     for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"--train.{name} must be >= 1")

@@ -219,8 +219,11 @@ def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, 
                                                               for s in range(pp)]
         out: dict[str, torch.Tensor] = {}
         for d in dirs:
-            module = torch.load(os.path.join(d, "mp_rank_00_model_states.pt"), weights_only=False)["module"]
-            out.update({k: v.float() for k, v in module.items()})
+            states = torch.load(os.path.join(d, "mp_rank_00_model_states.pt"), weights_only=False)
+            out.update({k: v.float() for k, v in states["module"].items()})
+            out.update(_master_weights(states.get("optimizer")))
+        if config["model"]["tie_embeddings"] and "output.weight" in out:
+            out["output.weight"] = out["tok_embeddings.weight"]
         return out
     if tp > 1 or pp > 1:
         # TP slices and pipeline stages are merged by the universal conversion
@@ -234,6 +237,20 @@ def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+
+
+def _master_weights(optimizer: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The fp32 master weights that MasterAdamW (train.bf16_mode master_fused) keeps in its state,
+    by parameter name; the module file holds only their bf16 copies. Empty for other optimizers."""
+    if not optimizer:
+        return {}
+    out = {}
+    for group in optimizer.get("param_groups", []):
+        for name, index in zip(group.get("param_names", []), group["params"]):
+            state = optimizer["state"].get(index, {})
+            if "master" in state:
+                out[name] = state["master"]
+    return out
 
 
 def read_meta(ckpt_dir: str, tag: str) -> dict[str, Any]:

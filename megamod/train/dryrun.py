@@ -16,6 +16,9 @@ ones (norms, MoD router and predictor) counted fully.
 
     bf16, master weights (ZeRO ≥ 1 by default; 16 B/param): weights 2 (bf16) + gradients 2 (bf16)
         + optimizer 12 (fp32 master copy 4, Adam m 4, v 4)
+    bf16, fused master weights (one rank at ZeRO 0 by default, MasterAdamW; 16 B/param, 18 with
+        gradient accumulation): as above, but with grad_accum > 1 the gradients are summed in an
+        fp32 buffer (4), each bf16 gradient freed once added
     bf16 under autocast (ZeRO 0 by default, train.bf16_mode; 16 B/param): weights 4 (fp32) +
         gradients 4 + optimizer 8 (m 4, v 4); autocast's bf16 weight copies (2 B/param while a
         forward and its backward run) are not counted
@@ -55,7 +58,7 @@ from megamod.parallel.pipeline import output_flops, stage_flops, stage_layers, s
 GIB = 2 ** 30
 
 # (weights, gradients, optimizer state) bytes per parameter; see the module docstring.
-BYTES_PER_PARAM = {"bf16": (2, 2, 12), "autocast": (4, 4, 8), "fp32": (4, 4, 8)}
+BYTES_PER_PARAM = {"bf16": (2, 2, 12), "master_fused": (2, 2, 12), "autocast": (4, 4, 8), "fp32": (4, 4, 8)}
 ZERO_PARTITIONED = {0: (), 1: ("optimizer",), 2: ("optimizer", "gradients"),
                     3: ("optimizer", "gradients", "parameters")}
 
@@ -67,11 +70,20 @@ def training_dtype(cfg: Config) -> str:
     return "fp32" if cfg.train.device == "cpu" else "bf16"
 
 
-def training_precision(cfg: Config) -> str:
-    """'fp32', 'bf16' (master weights) or 'autocast', as the engine will choose (engine.py)."""
+def training_precision(cfg: Config, world_size: int) -> str:
+    """'fp32', 'bf16' (master weights), 'master_fused' or 'autocast', as the engine will choose
+    (engine.py)."""
     from megamod.train.engine import precision_for
 
-    return precision_for(cfg, training_dtype(cfg))
+    return precision_for(cfg, training_dtype(cfg), world_size)
+
+
+def bytes_per_param(cfg: Config, precision: str) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes per parameter; see the module docstring."""
+    w, g, o = BYTES_PER_PARAM[precision]
+    if precision == "master_fused" and cfg.train.grad_accum > 1:
+        g = 4  # the fp32 sum over micro-batches
+    return w, g, o
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +160,8 @@ class StagePlan:
 def plan_stages(cfg: Config, world_size: int) -> list[StagePlan]:
     p = cfg.parallel
     zero_group = resolve_dp(cfg, world_size) * p.cp
-    per_param = dict(zip(("parameters", "gradients", "optimizer"), BYTES_PER_PARAM[training_precision(cfg)]))
+    per_param = dict(zip(("parameters", "gradients", "optimizer"),
+                         bytes_per_param(cfg, training_precision(cfg, world_size))))
     partitioned = ZERO_PARTITIONED[cfg.optim.zero_stage]
     stages = stage_layers(cfg)
     plans = []
@@ -194,8 +207,8 @@ def format_report(cfg: Config, world_size: int) -> str:
     dp = resolve_dp(cfg, world_size)
     dims = ParallelDims(tp=p.tp, cp=p.cp, dp=dp, pp=p.pp)
     plans = plan_stages(cfg, world_size)
-    dtype = training_precision(cfg)
-    w, g, o = BYTES_PER_PARAM[dtype]
+    dtype = training_precision(cfg, world_size)
+    w, g, o = bytes_per_param(cfg, dtype)
     lines = [f"megamod dry run: model {cfg.model.flavour} ({cfg.model.n_layers} blocks"
              f"{', MoD' if cfg.mod.enabled else ''}), world size {world_size} = "
              f"tp {p.tp} × cp {p.cp} × dp {dp} × pp {p.pp} (tp varies fastest, pp slowest)",

@@ -1,6 +1,10 @@
 """Building the DeepSpeed engine: it owns ZeRO optimizer state, clipping, bf16 and checkpoints.
 
-Two bf16 recipes (train.bf16_mode), chosen once here:
+Three bf16 recipes (train.bf16_mode), chosen once here:
+- master_fused (one rank, ZeRO 0): bf16 weights, and megamod's ``MasterAdamW`` holds the fp32
+  master weights and moments and steps them in one fused kernel that also writes the bf16
+  weights (train/master_adamw.py). No cast passes; DeepSpeed sees an fp32-mode engine and
+  checkpoints the optimizer's state. The fastest single-GPU step;
 - master_weights: bf16 weights and gradients, fp32 master weights inside DeepSpeed's ZeRO
   optimizer (the multi-GPU recipe: bf16 gradient reduction, weights gathered in bf16);
 - autocast: fp32 weights, bf16 matmuls under torch.autocast (DeepSpeed's ``torch_autocast``).
@@ -29,19 +33,21 @@ def resolve_dtype(cfg: Config, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    """'fp32', 'bf16' (bf16 weights, fp32 master weights in DeepSpeed) or 'autocast'."""
-    return precision_for(cfg, resolve_dtype(cfg, device))
+def resolve_precision(cfg: Config, device: torch.device, world_size: int = 1) -> str:
+    """'fp32', 'bf16' (bf16 weights, fp32 master weights in DeepSpeed), 'master_fused' (bf16
+    weights, fp32 master weights in MasterAdamW) or 'autocast'."""
+    return precision_for(cfg, resolve_dtype(cfg, device), world_size)
 
 
-def precision_for(cfg: Config, dtype: str) -> str:
+def precision_for(cfg: Config, dtype: str, world_size: int = 1) -> str:
     """``resolve_precision`` for a known dtype (the dry run plans for a device it does not have)."""
     if dtype == "fp32":
         return "fp32"
     mode = cfg.train.bf16_mode
     if mode == "auto":
-        mode = "autocast" if cfg.optim.zero_stage == 0 else "master_weights"
-    return "autocast" if mode == "autocast" else "bf16"
+        mode = ("master_weights" if cfg.optim.zero_stage > 0 else "master_fused" if world_size == 1
+                else "autocast")
+    return {"master_weights": "bf16", "master_fused": "master_fused", "autocast": "autocast"}[mode]
 
 
 def clips_in_optimizer(cfg: Config, dims: ParallelDims) -> bool:
@@ -68,6 +74,10 @@ def deepspeed_config(cfg: Config, dims: ParallelDims, precision: str, optimizer_
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronises the device at every forward and every step()
+        # call: the host then waits for the GPU and the GPU for the host's next launches, once
+        # per micro-batch. We time steps ourselves (metrics.py), without a sync.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         # All ranks must agree on the tag. Under PP every stage saves into its own sub-tag of the
         # step (checkpoint.py), which DeepSpeed's world-wide hash check would take for a
         # disagreement; our marker and the broadcast tag on resume keep the ranks together there.
@@ -149,12 +159,20 @@ class ClippingAdamW(torch.optim.AdamW):
 def build_engine(cfg: Config, model: nn.Module, dims: ParallelDims, device: torch.device):
     import deepspeed
 
-    precision = resolve_precision(cfg, device)
+    precision = resolve_precision(cfg, device, dims.world_size)
     optimizer_clips = clips_in_optimizer(cfg, dims)
     o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    if optimizer_clips:
+    if precision == "master_fused":  # config.validate allows it on one rank at ZeRO 0 only
+        from megamod.train.master_adamw import MasterAdamW  # imports triton: only when chosen
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        for g in groups:  # in the optimizer's state_dict: consolidated_state_dict reads the master weights by name
+            g["param_names"] = [names[id(p)] for p in g["params"]]
+        optimizer = MasterAdamW(groups, max_norm=o.grad_clip, accumulate=cfg.train.grad_accum > 1, **kwargs)
+        model.to(torch.bfloat16)  # the buffers; the parameters are bf16 views of the optimizer's buffer now
+    elif optimizer_clips:
         model_parallel = dims.tp * dims.pp > 1
         optimizer = ClippingAdamW(groups, max_norm=o.grad_clip, norm_group=dims.group("mp") if model_parallel else None,
                                   count_replicated=dims.coords()["tp"] == 0, **kwargs)

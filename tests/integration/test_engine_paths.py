@@ -41,9 +41,10 @@ def test_autocast_recipe_trains_and_resumes(tmp_path, train):
     resume (fp32 state, same kernels)."""
     common = ["--train.steps", "8", "--optim.zero_stage", "0"]
     train(tmp_path / "fp32", *common)
-    train(tmp_path / "a", *common, "--train.dtype", "bf16")
-    train(tmp_path / "b", *common, "--train.dtype", "bf16", "--train.exit_at_step", "4")
-    out = train(tmp_path / "b", *common, "--train.dtype", "bf16")
+    bf16 = ["--train.dtype", "bf16", "--train.bf16_mode", "autocast"]
+    train(tmp_path / "a", *common, *bf16)
+    train(tmp_path / "b", *common, *bf16, "--train.exit_at_step", "4")
+    out = train(tmp_path / "b", *common, *bf16)
     assert "resumed from" in out.stdout
     ref, a, b = (read_losses(tmp_path / n) for n in ("fp32", "a", "b"))
     assert sorted(a) == list(range(1, 9)) and all(math.isfinite(v) for v in a.values())
@@ -51,3 +52,37 @@ def test_autocast_recipe_trains_and_resumes(tmp_path, train):
         assert a[s] == pytest.approx(ref[s], rel=2e-3), s
     assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]
     assert all(math.isfinite(v) and v > 0 for v in _grad_norms(tmp_path / "a").values())
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_master_fused_recipe_trains_resumes_and_exports_master_weights(tmp_path, train, accum):
+    """train.dtype bf16 on one rank at ZeRO 0 picks master_fused (bf16 weights, MasterAdamW's
+    fp32 master weights; the torch update on CPU): the fp32 run's losses to bf16 rounding (as
+    above), an exact resume (the optimizer state is restored and the bf16 weights are rebuilt from
+    the master weights), and a consolidated checkpoint that holds the fp32 master weights, not
+    their bf16 copies. With grad_accum 2 the gradients are summed in fp32 by the hooks."""
+    from megamod.train.checkpoint import consolidated_state_dict
+
+    common = ["--train.steps", "8", "--optim.zero_stage", "0", "--train.grad_accum", str(accum)]
+    train(tmp_path / "fp32", *common)
+    train(tmp_path / "a", *common, "--train.dtype", "bf16")
+    train(tmp_path / "b", *common, "--train.dtype", "bf16", "--train.exit_at_step", "4")
+    out = train(tmp_path / "b", *common, "--train.dtype", "bf16")
+    assert "resumed from" in out.stdout
+    ref, a, b = (read_losses(tmp_path / n) for n in ("fp32", "a", "b"))
+    assert sorted(a) == list(range(1, 9))
+    for s in range(1, 9):
+        assert a[s] == pytest.approx(ref[s], rel=2e-3), s
+    assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)]
+    assert all(math.isfinite(v) and v > 0 for v in _grad_norms(tmp_path / "a").values())
+
+    import torch
+
+    sd = consolidated_state_dict(str(tmp_path / "a" / "checkpoints"))
+    module = torch.load(tmp_path / "a" / "checkpoints" / "step_00000008" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    w = "layers.0.attention.wq.weight"
+    assert module[w].dtype == torch.bfloat16 and sd[w].dtype == torch.float32
+    assert torch.equal(sd[w].bfloat16(), module[w])  # the module holds the master weights rounded
+    assert not torch.equal(sd[w], module[w].float())  # and the export has the digits bf16 drops
+    assert set(sd) == set(module)

@@ -63,6 +63,8 @@ def test_bad_yaml_file(tmp_path):
     (["--train.seq_len", "8192"], 1, "--model.max_seq_len"),
     (["--mod.enabled", "true", "--mod.capacity", "1.5"], 1, "--mod.capacity"),
     (["--optim.zero_stage", "4"], 1, "--optim.zero_stage"),
+    (["--train.bf16_mode", "master_fused", "--parallel.dp", "2"], 2, "--train.bf16_mode master_fused runs on one"),
+    (["--train.bf16_mode", "master_fused", "--optim.zero_stage", "1"], 1, "at --optim.zero_stage 0"),
 ])
 def test_impossible_sizes(argv, world, flag):
     cfg = load_config(None, argv + SYN)

@@ -66,17 +66,19 @@ def test_clipping_adamw_skips_a_non_finite_step(bad):
     assert not torch.equal(params[0].detach(), before[0])
 
 
-@pytest.mark.parametrize("argv, device, expected", [
-    ([], CPU, "fp32"),
-    ([], CUDA, "bf16"),  # ZeRO-1 default: bf16 weights, fp32 master weights in DeepSpeed
-    (["--optim.zero_stage", "0"], CUDA, "autocast"),
-    (["--optim.zero_stage", "0", "--train.bf16_mode", "master_weights"], CUDA, "bf16"),
-    (["--optim.zero_stage", "2", "--train.bf16_mode", "autocast"], CUDA, "autocast"),
-    (["--optim.zero_stage", "0", "--train.dtype", "bf16"], CPU, "autocast"),
-    (["--optim.zero_stage", "0", "--train.dtype", "fp32"], CUDA, "fp32"),
+@pytest.mark.parametrize("argv, device, world, expected", [
+    ([], CPU, 1, "fp32"),
+    ([], CUDA, 1, "bf16"),  # ZeRO-1 default: bf16 weights, fp32 master weights in DeepSpeed
+    (["--optim.zero_stage", "0"], CUDA, 1, "master_fused"),  # one rank: MasterAdamW
+    (["--optim.zero_stage", "0"], CUDA, 2, "autocast"),  # gradients to reduce: DeepSpeed's autocast path
+    (["--optim.zero_stage", "0", "--train.bf16_mode", "master_weights"], CUDA, 1, "bf16"),
+    (["--optim.zero_stage", "2", "--train.bf16_mode", "autocast"], CUDA, 4, "autocast"),
+    (["--optim.zero_stage", "0", "--train.dtype", "bf16"], CPU, 1, "master_fused"),
+    (["--optim.zero_stage", "0", "--train.dtype", "bf16", "--train.bf16_mode", "autocast"], CPU, 1, "autocast"),
+    (["--optim.zero_stage", "0", "--train.dtype", "fp32"], CUDA, 1, "fp32"),
 ])
-def test_resolve_precision(argv, device, expected):
-    assert resolve_precision(load_config(None, ["--data.synthetic", "true", *argv]), device) == expected
+def test_resolve_precision(argv, device, world, expected):
+    assert resolve_precision(load_config(None, ["--data.synthetic", "true", *argv]), device, world) == expected
 
 
 def test_deepspeed_config_for_autocast_and_optimizer_clipping():
@@ -90,3 +92,14 @@ def test_deepspeed_config_for_autocast_and_optimizer_clipping():
     assert ds["gradient_clipping"] == 0.0  # the optimizer clips; DeepSpeed must not clip again
     ds = deepspeed_config(cfg, one, "bf16")
     assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"] and ds["gradient_clipping"] == 0.5
+
+
+def test_deepspeed_throughput_timer_is_off():
+    """DeepSpeed's throughput timer (on by default) synchronises the device at every forward and
+    step() call; read through DeepSpeed's own parser, our config turns it off."""
+    from deepspeed.utils.config import get_timers_config
+
+    cfg = load_config(None, ["--data.synthetic", "true"])
+    timers = get_timers_config(deepspeed_config(cfg, ParallelDims(tp=1, cp=1, dp=1, pp=1, rank=0), "bf16"))
+    assert not timers.enabled and not timers.synchronized
+    assert get_timers_config({}).synchronized  # the default we turn off
