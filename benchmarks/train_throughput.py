@@ -152,9 +152,34 @@ def _profile(step, device, path: str, iters: int = 3) -> None:
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = events.table(sort_by=key, row_limit=60, max_name_column_width=70)
     cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    idle = ""
+    if device.type == "cuda":
+        prof.export_chrome_trace(path + ".trace.json")
+        idle = _device_idle(path + ".trace.json", iters)
     with open(path, "w") as f:
-        f.write(f"kernel launches per call: {launches / iters:.0f}\n\n" + table + "\n\n" + cpu)
+        f.write(f"kernel launches per call: {launches / iters:.0f}\n{idle}\n\n" + table + "\n\n" + cpu)
+    print(idle)
     print("\n".join(table.splitlines()[-2:]))  # totals; "Self CPU" includes time waiting in synchronize calls
+
+
+def _device_idle(trace_path: str, iters: int, top: int = 15) -> str:
+    """Where the GPU waits: from the profiler's trace, the span from the first to the last device
+    activity, the time no kernel, copy or memset runs, and the largest gaps with the kernels on
+    either side (a gap after a synchronisation is the host's launch latency)."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    dev = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    gaps, end = [], dev[0][1]
+    for (s, e, name), (_, _, before) in zip(dev[1:], dev):
+        if s > end:
+            gaps.append((s - end, before, name))
+        end = max(end, e)
+    span, idle = (end - dev[0][0]) / 1e3, sum(g for g, _, _ in gaps) / 1e3
+    lines = [f"device span {span / iters:.1f} ms per call, idle {idle / iters:.2f} ms per call "
+             f"({len(gaps) / iters:.0f} gaps); largest gaps (us, kernel before -> kernel after):"]
+    lines += [f"  {g:9.1f}  {b[:60]} -> {a[:60]}" for g, b, a in sorted(gaps, reverse=True)[:top]]
+    return "\n".join(lines)
 
 
 def bench_megamod_plain(args, device, compile_loss: bool = False, master: bool = False) -> dict:

@@ -50,6 +50,18 @@ def test_2b_memory_matches_zero_formulas(zero, dtype):
     assert mem["activations"] > 0 and mem["total"] == pytest.approx(sum(expected.values()) + mem["activations"])
 
 
+@pytest.mark.parametrize("accum, grad_bytes", [(1, 2), (2, 4)])
+def test_one_rank_zero0_plans_master_fused(accum, grad_bytes):
+    """One rank at ZeRO 0 trains with MasterAdamW (train.bf16_mode auto): bf16 weights (2 B) and
+    gradients (2 B; with grad_accum > 1 their fp32 sum, 4 B) and 12 B of fp32 master weights and
+    moments per parameter, nothing partitioned."""
+    cfg = load_config(CONFIG_1B, ["--optim.zero_stage", "0", "--train.grad_accum", str(accum)])
+    validate(cfg, 1)
+    n = count_parameters(cfg.model)["total"]
+    mem = memory_per_rank(cfg, 1)
+    assert (mem["parameters"], mem["gradients"], mem["optimizer"]) == (2 * n, grad_bytes * n, 12 * n)
+
+
 def _check_cover(stages, n):
     assert all(stages) and list(itertools.chain(*stages)) == list(range(n))  # each block once, in order
 
