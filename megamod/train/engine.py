@@ -143,6 +143,14 @@ class ClippingAdamW(torch.optim.AdamW):
         dist.all_reduce(sq, group=self.norm_group)
         return sq.sqrt()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if any("master" in st for st in state_dict["state"].values()):
+            # Loading it would keep only the module file's bf16 copies of the weights.
+            raise ValueError("this checkpoint holds fp32 master weights in its optimizer state (written with "
+                             "--train.bf16_mode master_fused); resume it with --train.bf16_mode master_fused on one "
+                             "rank at --optim.zero_stage 0, or start a new --train.run_dir")
+        super().load_state_dict(state_dict)
+
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]

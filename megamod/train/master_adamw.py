@@ -235,6 +235,10 @@ class MasterAdamW(torch.optim.Optimizer):
                              "model's; resume with the checkpoint's model and optimizer flags")
         for mine, saved in zip(self.param_groups, groups):
             mine.update({k: v for k, v in saved.items() if k != "params"})
+        if state_dict["state"] and not any("master" in st for st in state_dict["state"].values()):
+            raise ValueError("this checkpoint's optimizer holds no fp32 master weights (it was written with another "
+                             "--train.bf16_mode, whose weights are in the module file); resume it with that "
+                             "--train.bf16_mode, or start a new --train.run_dir")
         for i, (p, (span, shape)) in enumerate(zip(self._params, self._views)):
             st = state_dict["state"].get(i) or state_dict["state"].get(str(i))
             if st is None or tuple(st["master"].shape) != tuple(shape):

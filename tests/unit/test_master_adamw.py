@@ -164,6 +164,27 @@ def test_loading_another_models_state_names_the_problem():
         MasterAdamW([{"params": _params()}], max_norm=1.0, **KW).load_state_dict(sd)
 
 
+def test_switching_recipes_on_resume_is_refused():
+    """A master_fused checkpoint into the autocast recipe's optimizer would keep only the bf16
+    copies of the weights; an autocast checkpoint has no master weights to load. Both name the fix."""
+    from megamod.train.engine import ClippingAdamW
+
+    a = _params()
+    opt = MasterAdamW(_groups(a), max_norm=1.0, **KW)
+    for p, g in zip(a, _grads(0, 0.1)):
+        p.grad = g
+    opt.step()
+    with pytest.raises(ValueError, match="--train.bf16_mode master_fused"):
+        ClippingAdamW(_groups(_params()), max_norm=1.0, **KW).load_state_dict(opt.state_dict())
+    fp32 = _params()
+    clipping = ClippingAdamW(_groups(fp32), max_norm=1.0, **KW)
+    for p, g in zip(fp32, _grads(0, 0.1)):
+        p.grad = g.float()
+    clipping.step()
+    with pytest.raises(ValueError, match="holds no fp32 master weights"):
+        MasterAdamW(_groups(_params()), max_norm=1.0, **KW).load_state_dict(clipping.state_dict())
+
+
 def test_parameters_start_on_chunk_boundaries():
     params = _params()
     opt = MasterAdamW(_groups(params), max_norm=1.0, **KW)
