@@ -89,9 +89,10 @@ class MasterAdamW(torch.optim.Optimizer):
         dev = self._params[0].device
         if any(p.device != dev or not p.is_floating_point() for p in self._params):
             raise ValueError("MasterAdamW: every parameter must be a floating-point tensor on one device")
-        chunks = [math.ceil(p.numel() / BLOCK) for p in self._params]
+        chunks = [math.ceil(p.numel() / BLOCK) for p in self._params]  # of each parameter
         starts = [BLOCK * s for s in _prefix(chunks)]
         total = BLOCK * sum(chunks)
+        n = len(self._params)
         self._master = torch.zeros(total, dtype=torch.float32, device=dev)
         self._weight = torch.zeros(total, dtype=torch.bfloat16, device=dev)
         self._exp_avg, self._exp_avg_sq = torch.zeros_like(self._master), torch.zeros_like(self._master)
@@ -108,7 +109,7 @@ class MasterAdamW(torch.optim.Optimizer):
                              "exp_avg": self._exp_avg[span].view(p.shape),
                              "exp_avg_sq": self._exp_avg_sq[span].view(p.shape)}
         # kernel tables: chunk -> parameter, parameter -> first element and size; group -> chunks
-        self._chunk_param = torch.repeat_interleave(torch.arange(len(chunks), dtype=torch.int32),
+        self._chunk_param = torch.repeat_interleave(torch.arange(n, dtype=torch.int32),
                                                     torch.tensor(chunks)).to(dev)
         self._param_start = torch.tensor(starts, dtype=torch.int64, device=dev)
         self._param_numel = torch.tensor([p.numel() for p in self._params], dtype=torch.int64, device=dev)
@@ -119,9 +120,9 @@ class MasterAdamW(torch.optim.Optimizer):
         # the gradient address table goes up through pinned host buffers, two in turn, so that
         # no step waits on the device (an event says when a buffer's last copy is done)
         pin = dev.type == "cuda"
-        self._ptr_host = [torch.zeros(len(chunks), dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._ptr_host = [torch.zeros(n, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._ptr_done: list[Any] = [None, None]
-        self._ptr_dev = torch.zeros(len(chunks), dtype=torch.int64, device=dev)
+        self._ptr_dev = torch.zeros(n, dtype=torch.int64, device=dev)
         self._turn = 0
         self._global_grad_norm: torch.Tensor | None = None
         self._update = self._update_triton if dev.type == "cuda" else self._update_torch
