@@ -298,8 +298,8 @@ def _report(dense: dict, mod: dict) -> tuple[str, dict]:
         f"{parts['dense_block'] * 1e3:.2f}); routing only {parts['routing_overhead'] * 1e3:.3f} = scores "
         f"{parts['scores'] * 1e3:.3f} + top-k {parts['topk'] * 1e3:.3f} + gather/scatter "
         f"{parts['take_put'] * 1e3:.3f} + gate, losses, statistics",
-        f"routing overhead: {n_routed} x {parts['routing_overhead'] * 1e3:.3f} ms = {overhead * 1e3:.2f} ms "
-        f"= {100 * overhead / mod['step_s']:.2f}% of the MoD step",
+        f"routing overhead (stand-alone blocks): {n_routed} x {parts['routing_overhead'] * 1e3:.3f} ms = "
+        f"{overhead * 1e3:.2f} ms = {100 * overhead / mod['step_s']:.2f}% of the MoD step",
     ]
     summary = {"speedup": speedup, "flops_ratio": flops_ratio, "routing_overhead_frac": overhead / mod["step_s"],
                "dense": dense, "mod": mod}
@@ -335,8 +335,14 @@ def main(argv=None) -> int:
                  f"{(results['mod']['step_s'] - fixed['step_s']) * 1e3:.1f} ms = "
                  f"{100 * summary['routing_in_step_frac']:.2f}% of the MoD step")
     print(text)
-    ok = summary["speedup"] >= 1.7 and summary["routing_overhead_frac"] < 0.05
-    print(f"targets (speedup >= 1.7x, routing overhead < 5%): {'met' if ok else 'NOT met'}"
+    # The stand-alone routed block is launch-bound (it times host latency the GPU-bound step
+    # hides, results/mod_speed.md, session 3): where the in-step cost was measured, it decides.
+    where = "in-step" if "routing_in_step_frac" in summary else "stand-alone"
+    routing = summary["routing_in_step_frac" if where == "in-step" else "routing_overhead_frac"]
+    speed_ok, routing_ok = summary["speedup"] >= 1.7, routing < 0.05
+    ok = speed_ok and routing_ok
+    print(f"targets: speed-up >= 1.7x {'met' if speed_ok else 'NOT met'} ({summary['speedup']:.2f}x); "
+          f"routing overhead < 5% ({where}) {'met' if routing_ok else 'NOT met'} ({100 * routing:.2f}%)"
           + (" (tiny CPU smoke run: targets do not apply)" if a.tiny else ""))
     if a.json:
         with open(a.json, "w") as f:
