@@ -14,6 +14,8 @@
 #   benchmarks/gpu_session.sh mod-ablate   -> mod_speed.py z0 mb8 with the in-step routing ablation (3 processes)
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
+#   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
+#                                             and mod_speed.py z0 mb8 x 2 with the in-step routing ablation
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -33,6 +35,10 @@ for what in "$@"; do
             --json "$OUT/engine.json" 2>&1 | grep -v Warning | tee "$OUT/engine.log" ;;
         mod-ablate) python3 benchmarks/mod_speed.py --compile --zero-stage 0 --micro-batch-size 8 --grad-accum 2 \
             --ablate-routing --json "$OUT/mod_ablate.json" 2>&1 | grep -v Warning | tee "$OUT/mod_ablate.log" ;;
+        fused) python3 benchmarks/train_throughput.py --which b,c,ca --json "$OUT/throughput_fused.json" 2>&1 \
+            | grep -v Warning | tee "$OUT/throughput_fused.log"
+            python3 benchmarks/mod_speed.py --compile --zero-stage 0 --micro-batch-size 8 --grad-accum 2 \
+            --ablate-routing --json "$OUT/mod_fused.json" 2>&1 | grep -v Warning | tee "$OUT/mod_fused.log" ;;
         engine2) python3 benchmarks/train_throughput.py --which b,c,c1 --json "$OUT/engine2.json" 2>&1 \
             | grep -v Warning | tee "$OUT/engine2.log" ;;
         2b) python3 benchmarks/train_throughput.py --which 2b --micro-batch-2b "${MB2B:-4}" --grad-accum-2b "${GA2B:-1}" \
