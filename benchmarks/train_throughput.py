@@ -243,9 +243,10 @@ def _summary(label: str, times: list[float], args, n_no_emb: int, device) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--which", default="a,b,c",
-                    help="a: HF eager, b: HF compiled, c: megamod trainer (--zero-stage), c1: megamod trainer at "
-                         "ZeRO-1 (bf16 master weights), ca: c with train.bf16_mode autocast, d: megamod model without DeepSpeed, dl: d with the loss "
-                         "compiled, dm: dl with bf16 weights and MasterAdamW, 2b: trainer (c) on the 2b flavour at --micro-batch-2b")
+                    help="a: HF eager, b: HF compiled, c: megamod trainer (--zero-stage), ca: c with "
+                         "train.bf16_mode autocast, c1: megamod trainer at ZeRO-1 (bf16 master weights), d: megamod "
+                         "model without DeepSpeed, dl: d with the loss compiled, dm: dl with bf16 weights and "
+                         "MasterAdamW, 2b: trainer (c) on the 2b flavour at --micro-batch-2b")
     ap.add_argument("--zero-stage", type=int, default=0, help="ZeRO stage of variant c")
     ap.add_argument("--micro-batch-2b", type=int, default=4)
     ap.add_argument("--grad-accum-2b", type=int, default=1, help="micro-batches per optimizer step of variant 2b")
