@@ -30,3 +30,20 @@ def load_tool():
         return mod
 
     return load
+
+
+@pytest.fixture(scope="session")
+def reference_adamw_step():
+    """``norm = reference_adamw_step(params, opt, max_norm)``: what an optimizer that clips inside
+    its own step is held to: the gradients' global norm, torch's ``clip_grad_norm_`` (max_norm 0:
+    no clipping), then ``opt.step()`` of a plain AdamW. Returns the norm before clipping."""
+    import torch
+
+    def step(params, opt, max_norm: float):
+        norm = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        opt.step()
+        return norm
+
+    return step

@@ -112,6 +112,14 @@ def lr_lambda(cfg: Config):
     return fn
 
 
+def clip_and_skip(norm: torch.Tensor, max_norm: float) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """From the global gradient norm (a device scalar): the divisor that clips the gradients
+    (DeepSpeed's rule, grads / max(1, (‖g‖ + 1e-6)/max_norm); None when max_norm is 0, no
+    clipping) and the fused kernels' skip flag (1.0 where the norm is not finite). No host sync."""
+    divisor = ((norm + 1e-6) / max_norm).clamp(min=1.0) if max_norm > 0 else None
+    return divisor, (~torch.isfinite(norm)).float()
+
+
 class ClippingAdamW(torch.optim.AdamW):
     """Fused AdamW that clips by the global gradient norm inside its own kernel.
 
@@ -158,9 +166,7 @@ class ClippingAdamW(torch.optim.AdamW):
         if grads:
             norm = self._norm(grads, params)
             self._global_grad_norm = norm
-            self.found_inf = (~torch.isfinite(norm)).float()
-            if self.max_norm > 0:  # grads / max(1, ‖g‖/max_norm) = grads · min(1, max_norm/‖g‖)
-                self.grad_scale = ((norm + 1e-6) / self.max_norm).clamp(min=1.0)
+            self.grad_scale, self.found_inf = clip_and_skip(norm, self.max_norm)
         return super().step(closure)
 
 

@@ -29,11 +29,14 @@ CUDA and, for the tests, in Triton's interpreter.
 from __future__ import annotations
 
 import math
+import itertools
 from typing import Any
 
 import torch
 import triton
 import triton.language as tl
+
+from megamod.train.engine import clip_and_skip
 
 BLOCK = 4096  # elements a program updates; every parameter starts on a multiple of it
 
@@ -90,7 +93,8 @@ class MasterAdamW(torch.optim.Optimizer):
         if any(p.device != dev or not p.is_floating_point() for p in self._params):
             raise ValueError("MasterAdamW: every parameter must be a floating-point tensor on one device")
         chunks = [math.ceil(p.numel() / BLOCK) for p in self._params]  # of each parameter
-        starts = [BLOCK * s for s in _prefix(chunks)]
+        firsts = list(itertools.accumulate(chunks, initial=0))  # each parameter's first chunk
+        starts = [BLOCK * c for c in firsts[:-1]]
         total = BLOCK * sum(chunks)
         n = len(self._params)
         self._master = torch.zeros(total, dtype=torch.float32, device=dev)
@@ -113,10 +117,8 @@ class MasterAdamW(torch.optim.Optimizer):
                                                     torch.tensor(chunks)).to(dev)
         self._param_start = torch.tensor(starts, dtype=torch.int64, device=dev)
         self._param_numel = torch.tensor([p.numel() for p in self._params], dtype=torch.int64, device=dev)
-        firsts = _prefix(chunks)
-        n_in = [len(g["params"]) for g in self.param_groups]
-        idx = _prefix(n_in)
-        self._group_chunks = [(firsts[a], firsts[a] + sum(chunks[a:a + n])) for a, n in zip(idx, n_in)]
+        bounds = list(itertools.accumulate((len(g["params"]) for g in self.param_groups), initial=0))  # group -> params
+        self._group_chunks = [(firsts[a], firsts[b]) for a, b in zip(bounds, bounds[1:])]
         # the gradient address table goes up through pinned host buffers, two in turn, so that
         # no step waits on the device (an event says when a buffer's last copy is done)
         pin = dev.type == "cuda"
@@ -166,8 +168,8 @@ class MasterAdamW(torch.optim.Optimizer):
             return None
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present, 2.0, dtype=torch.float32)))
         self._global_grad_norm = norm  # where DeepSpeed's engine looks for the norm it reports
-        skip = (~torch.isfinite(norm)).float()
-        scale = ((norm + 1e-6) / self.max_norm).clamp(min=1.0) if self.max_norm > 0 else torch.ones_like(norm)
+        scale, skip = clip_and_skip(norm, self.max_norm)
+        scale = torch.ones_like(norm) if scale is None else scale
         self._step.add_(1.0 - skip)  # a skipped step does not count for the bias correction
         self._update(grads, scale, skip)
         self._seen.clear()
@@ -250,11 +252,3 @@ class MasterAdamW(torch.optim.Optimizer):
             self._step.copy_(st["step"])
         with torch.no_grad():
             self._weight.copy_(self._master)
-
-
-def _prefix(xs: list[int]) -> list[int]:
-    out, acc = [], 0
-    for x in xs:
-        out.append(acc)
-        acc += x
-    return out
