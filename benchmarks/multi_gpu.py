@@ -41,7 +41,7 @@ Weak scaling: the micro-batch per rank is fixed and the global batch grows with 
 1, 2, 4, ... GPUs under ZeRO-1, and all GPUs under ZeRO-2; tp=2 and tp=4 and pp=2 fill the node
 with dp (pp runs 4·pp micro-batches a step, bubble (pp-1)/(4pp+pp-1)). Efficiency = tokens/s per
 GPU ÷ the 1-GPU ZeRO-1 run's on the same machine in the same call (or --reference's). The issue's
-target: 1b, ZeRO-1, 8 GPUs >= 0.90. Each run's checkpoints are deleted once read (1b: ~18 GB).
+target: 1b, ZeRO-1, 8 GPUs >= 0.90. Scaling runs save no checkpoint (1b: ~18 GB a run).
 
 Grids that do not fit --gpus or the model (heads, layers) are skipped with the reason. Results
 (table + JSON) are rewritten after every run, so a call cut off by a time limit keeps what ran.
@@ -155,8 +155,10 @@ class Bench:
         if section == "correctness":
             f += ["--optim.warmup_steps", str(max(1, self.a.steps // 4))]  # reach the peak LR inside the window
             f += ["--train.dtype", self.dtype]
-        elif self.a.device == "cuda" and not self.a.no_compile:
-            f += ["--train.compile", "true"]  # as the throughput issue's 1-GPU number
+        else:
+            f += ["--checkpoint.save_at_end", "false"]  # 1b: ~18 GB a run that nobody reads
+            if self.a.device == "cuda" and not self.a.no_compile:
+                f += ["--train.compile", "true"]  # as the throughput issue's 1-GPU number
         return f + (TINY if self.a.tiny else []) + list(extra)
 
     def runnable(self, section: str, flavour: str, g: Grid, flags: list[str], reason: str | None = None) -> bool:
@@ -179,8 +181,7 @@ class Bench:
     def wanted(self, g: Grid, always: bool = False) -> bool:
         return always or self.grid_filter is None or g.name in self.grid_filter
 
-    def launch(self, key: str, flags: list[str], world: int, keep_checkpoints: bool = True,
-               run_dir: Path | None = None) -> dict:
+    def launch(self, key: str, flags: list[str], world: int, run_dir: Path | None = None) -> dict:
         """Run the trainer CLI and parse its metrics. ``run_dir``: prepared by the caller (a checkpoint
         to resume); otherwise a fresh one, since the trainer would resume from, and append to,
         whatever an earlier call left there. With --reference, a 1-GPU run is taken from there."""
@@ -215,8 +216,6 @@ class Bench:
                **read_metrics(run_dir / "metrics.jsonl")}
         if rc != 0:
             print(f"[fail] {key}: exit {rc}; the end of {log}:\n" + "\n".join(text.splitlines()[-25:]), flush=True)
-        if not keep_checkpoints:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         self.res["runs"][key] = run
         return run
 
@@ -300,7 +299,7 @@ class Bench:
             flags = self.flags("scaling", flavour, g)
             if not self.runnable("scaling", flavour, g, flags):
                 continue
-            run = self.launch(f"scaling/{flavour}/{g.name}", flags, g.world, keep_checkpoints=False)
+            run = self.launch(f"scaling/{flavour}/{g.name}", flags, g.world)
             micro, accum = self.batch("scaling", flavour, g)
             tps = [v for s, v in sorted(run["tokens_per_s"].items()) if s > warm]
             mfu = [v for s, v in sorted(run["mfu"].items()) if s > warm]

@@ -140,6 +140,7 @@ class CheckpointConfig:
     interval: int = _f(0, "save every N steps (0: only at the end)")
     keep_last: int = _f(3, "complete checkpoints to keep")
     resume: bool = _f(True, "resume from the newest complete checkpoint in the run directory")
+    save_at_end: bool = _f(True, "save when training ends (false: benchmarks whose weights are thrown away)")
 
 
 @dataclass

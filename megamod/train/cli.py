@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer.build(cfg, dims, device, stop=stop)
         trainer.train()
+        dist.barrier()  # no rank tears its process group down under a peer still using it
     finally:
         dist.destroy_process_group()
     return 0

@@ -223,9 +223,9 @@ class Trainer:
             val = self.evaluate()
             last.update(val)
             self.metrics.log(self.state.step, {**val, "val_ppl": _ppl(val["val_loss"])}, "valid")
-            tag = self.save()
+            saved = f"checkpoint {self.ckpt_dir}/{self.save()}" if cfg.checkpoint.save_at_end else "no checkpoint"
             if self.dims.rank == 0:
-                print(f"done: {self.state.step} steps; checkpoint {self.ckpt_dir}/{tag}; TensorBoard: "
+                print(f"done: {self.state.step} steps; {saved}; TensorBoard: "
                       f"tensorboard --logdir {os.path.join(t.run_dir, 'tensorboard')}", flush=True)
             return last
         finally:

@@ -57,7 +57,10 @@ def test_data_parallel_and_accumulation_match_one_rank(tmp_path, train):
     common = ["--train.steps", "6", "--optim.zero_stage", "2"]
     train(tmp_path / "one", *common, "--train.micro_batch_size", "4")
     train(tmp_path / "dp2", *common, "--train.micro_batch_size", "2", nproc=2)
-    train(tmp_path / "acc", *common, "--train.micro_batch_size", "2", "--train.grad_accum", "2")
+    acc_run = train(tmp_path / "acc", *common, "--train.micro_batch_size", "2", "--train.grad_accum", "2",
+                    "--checkpoint.save_at_end", "false")
+    assert "no checkpoint" in acc_run.stdout and not list((tmp_path / "acc").glob("checkpoints/step_*"))
+    assert list((tmp_path / "one").glob("checkpoints/step_00000006/megamod_complete.json"))  # the default saves
     one, dp2, acc = (read_losses(tmp_path / n) for n in ("one", "dp2", "acc"))
     for s in range(1, 7):
         assert dp2[s] == pytest.approx(one[s], rel=1e-5), s
