@@ -128,6 +128,23 @@ def load_universal(engine, ckpt_dir: str, tag: str) -> None:
         cfg.load_universal_checkpoint = False
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {universal_dir(ckpt_dir, tag)}")
+    place_adam_steps(engine.optimizer)
+
+
+def place_adam_steps(optimizer) -> None:
+    """DeepSpeed's universal loader sets each group's Adam ``step`` to the CPU tensor it saved, where
+    torch's own ``load_state_dict`` would put it on the parameter's device for a fused or capturable
+    optimizer; torch's fused AdamW (our ClippingAdamW on GPU) refuses a CPU step. Do what torch does,
+    on the innermost optimizer (ZeRO and bf16 wrappers hold it as ``.optimizer``)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    for group in optimizer.param_groups:
+        if not (group.get("fused") or group.get("capturable")):
+            continue
+        for p in group["params"]:
+            step = optimizer.state.get(p, {}).get("step")
+            if torch.is_tensor(step) and step.device != p.device:
+                optimizer.state[p]["step"] = step.to(device=p.device, dtype=torch.float32)
 
 
 def full_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
