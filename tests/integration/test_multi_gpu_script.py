@@ -28,7 +28,7 @@ def test_correctness_resume_and_scaling_on_cpu_ranks(tmp_path):
     whose learning rate was doubled (same step 1, other trajectory): the check is not vacuous."""
     out, work = tmp_path / "out", tmp_path / "work"
     tiny = ["--tiny", "--device", "cpu", "--gpus", "4", "--work-dir", str(work)]
-    _script(*tiny, "--grids", "tp2,pp2,tp2-pp2", "--resume", "tp2-pp2:tp2-dp2", "--out", str(out))
+    _script(*tiny, "--grids", "tp2,pp2,tp2-pp2,pp2-dp2", "--resume", "tp2-pp2:tp2-dp2", "--out", str(out))
     res = json.loads((out / "multi_gpu.json").read_text())
     assert res["dtype"] == "fp32" and res["tolerance"]["tiny"]["step1"] >= 1e-5
     rows = {r["grid"]: r for r in res["correctness"]}
@@ -40,9 +40,13 @@ def test_correctness_resume_and_scaling_on_cpu_ranks(tmp_path):
     assert resume["pass"] is True and resume["saved_at"] == "tp2-pp2" and resume["grid"] == "tp2-dp2", resume
     assert res["runs"]["resume/tiny/tp2-pp2_to_tp2-dp2"]["resumed"]
     assert sorted(res["runs"]["resume/tiny/tp2-pp2_to_tp2-dp2"]["loss"]) == ["5", "6", "7", "8"]
-    (scaling,) = res["scaling"]  # --grids selects none: only the 1-rank baseline (2 cores measure no scaling)
+    # the 1-rank baseline and pp2-dp2 (numbers only; 2 cores measure no scaling), which ends without a
+    # checkpoint: the path where a pipeline rank once tore its process group down under its peer
+    scaling, pipe = res["scaling"]
     assert scaling["grid"] == "dp1-z1" and scaling["ok"] and scaling["tokens_per_s_per_gpu"] > 0, scaling
     assert scaling["efficiency"] == 1.0
+    assert pipe["grid"] == "pp2-dp2" and pipe["ok"] and pipe["batch"] == "8×8", pipe
+    assert not list(work.glob("scaling/*/*/checkpoints/step_*"))
     md = (out / "multi_gpu.md").read_text()
     for text in ("- date: ", "- device: CPU ranks over gloo", "- command: `python benchmarks/multi_gpu.py --tiny",
                  "| tiny | tp2 | 2 | 2×4 |", "| tiny | resume tp2-pp2 → tp2-dp2 at step 4 | 4 | 2×2 |",
