@@ -1,6 +1,6 @@
 """Every GEMM shape of the 1b training step (issue #9: 16384 tokens, d 2048, FFN 5632, vocab 32000,
 22 layers, bf16), timed alone under cuBLAS, cuBLASLt, then cuBLAS again (CUDA events, median of
-30 after 5 warm-up), and what they add up to per step, next to a bf16 8192^3 product:
+30 after 5 warm-up; cuda_timing.timed), and what they add up to per step, next to a bf16 8192^3 product:
 
     python3 benchmarks/gemm_shapes.py out.json
 
@@ -11,22 +11,11 @@ import sys
 
 import torch
 
+from cuda_timing import timed  # benchmarks/ is this script's directory
+
 torch.backends.cuda.matmul.allow_tf32 = True
 dev = torch.device("cuda")
 M, d, f, V, L = 16384, 2048, 5632, 32000, 22
-
-
-def bench(fn, reps=30):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); fn(); b.record(); b.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def shapes():
@@ -52,13 +41,13 @@ def run(lib):
         else:
             A = torch.randn(k, m, device=dev, dtype=torch.bfloat16); B = torch.randn(k, n, device=dev, dtype=torch.bfloat16)
             fn = lambda: A.t() @ B
-        ms = bench(fn)
+        ms = timed(fn, 30, warmup=5)[0]
         tf = 2 * m * n * k / ms / 1e9
         total += cnt * ms
         res.append((name, cnt, m, n, k, round(ms, 4), round(tf, 1)))
         del A, B
     big = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    ms = bench(lambda: big @ big)
+    ms = timed(lambda: big @ big, 30, warmup=5)[0]
     return {"lib": lib, "rows": res, "step_matmul_ms": round(total, 2), "8192^3 TFLOP/s": round(2 * 8192**3 / ms / 1e9, 1)}
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import statistics
 import sys
 
 import torch
@@ -28,41 +27,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from megamod.ops import moba_plan as mp  # noqa: E402
 from megamod.ops import moba_triton as mt  # noqa: E402
-from moba_check import CHECK_CASES, check  # noqa: E402  (benchmarks/ is this script's directory)
+from cuda_timing import timed, timed_queued  # noqa: E402  (benchmarks/ is this script's directory)
+from moba_check import CHECK_CASES, check  # noqa: E402
 
 H, D = 16, 128
 DEV = "cuda"
-
-
-def timed(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out), out
-
-
-def timed_queued(fn, reps):
-    """Mean time per call of reps calls queued back to back (no host synchronisation between them,
-    as in a training step, where the host runs ahead of the GPU; triton.testing.do_bench and
-    torch.utils.benchmark time this way too). timed() synchronises before every call, so it also
-    counts the host time of launching the first kernels while the GPU sits idle."""
-    fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / reps
 
 
 def tile_visit_fraction(T, B, topk, tile=128):

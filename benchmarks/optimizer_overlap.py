@@ -5,12 +5,14 @@
 Stream A: the 1b forward's GEMM chain for one micro-batch (22 layers × 7 products, 16384 tokens,
 bf16). Stream B: torch's fused AdamW over 1.26e9 fp32 parameters in 22 chunks (28 B per parameter,
 the same traffic as MasterAdamW). Times A alone, B alone, A then B, and A and B launched together on
-two streams (CUDA events, median of 10 after 3 warm-up, two rounds). If the two streams take about
+two streams (cuda_timing.timed: median of 10 after 3 warm-up, two rounds). If the two streams take about
 max(A, B), the bandwidth-bound step hides under the compute-bound GEMMs; if about A + B, it does not."""
 import json
 import sys
 
 import torch
+
+from cuda_timing import timed  # benchmarks/ is this script's directory
 
 dev = torch.device("cuda")
 M, d, f, L, N = 16384, 2048, 5632, 22, 1_261_529_088
@@ -47,23 +49,6 @@ def adam():
 sa, sb = torch.cuda.Stream(), torch.cuda.Stream()
 
 
-def timed(fn, reps=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        torch.cuda.synchronize()
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
 def both():
     cur = torch.cuda.current_stream()
     sa.wait_stream(cur); sb.wait_stream(cur)
@@ -81,6 +66,6 @@ def serial():
 res = {}
 for rnd in range(2):
     for name, fn in (("gemms", gemms), ("adamw", adam), ("serial", serial), ("two_streams", both)):
-        res[f"{name}_{rnd}"] = round(timed(fn), 2)
+        res[f"{name}_{rnd}"] = round(timed(fn, 10, warmup=3)[0], 2)
         print(name, rnd, res[f"{name}_{rnd}"], "ms", flush=True)
 json.dump(res, open(sys.argv[1], "w"), indent=1)

@@ -28,8 +28,8 @@ CUDA and, for the tests, in Triton's interpreter.
 
 from __future__ import annotations
 
-import math
 import itertools
+import math
 from typing import Any
 
 import torch
