@@ -4,7 +4,7 @@
 
 One process (gloo world of 1), the real Trainer (DeepSpeed engine, ZeRO-1, fp32), synthetic
 tokens; times forward + backward + optimizer per step, warm-up excluded, and prints the median,
-the spread (p10/p90), tokens/s and achieved GFLOP/s (analytic FLOPs, megamod.train.flops).
+the spread (p10/p90), tokens/s and achieved GFLOP/s (analytic FLOPs, megamod.model.flops).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from megamod.config import load_config
     from megamod.parallel.dims import ParallelDims
-    from megamod.train.flops import train_flops_per_step
+    from megamod.model.flops import train_flops_per_step
     from megamod.train.trainer import Trainer
 
     cfg = load_config(None, ["--data.synthetic", "true", "--train.steps", str(args.steps + args.warmup),

@@ -218,7 +218,7 @@ def child(a) -> dict:
     from megamod.model.mod import routed_layers
     from megamod.parallel.dims import ParallelDims
     from megamod.train.data import micro_batches
-    from megamod.train.flops import forward_flops_per_sequence, train_flops_per_step
+    from megamod.model.flops import forward_flops_per_sequence, train_flops_per_step
     from megamod.train.trainer import Trainer
 
     cfg = load_config(None, _overrides(a))

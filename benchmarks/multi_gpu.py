@@ -31,7 +31,7 @@ moves step 1's loss or grad norm by >= 10%. A grid failing narrowly in bf16 can 
 --fp32 (the trainer's --train.dtype fp32), where only summation order is left (floors 1e-5/1e-4).
 Resume: the ``--resume SAVE:AT`` grid's run also checkpoints at step steps/2; a copy of that
 checkpoint resumes on grid AT (another TP/PP/DP shape, through DeepSpeed's universal checkpoint,
-megamod/parallel/reshard.py), and its steps steps/2+1..steps are held to the same mean/max bounds
+megamod/train/reshard.py), and its steps steps/2+1..steps are held to the same mean/max bounds
 against the reference; the run must print "resumed from".
 
 Scaling (``1b`` and ``2b``, each flavour's YAML: micro-batch, ZeRO stage, no recompute; blocks

@@ -89,7 +89,7 @@ def bench_hf(args, device, compiled: bool) -> dict:
 
 def shape_2b(args) -> argparse.Namespace:
     """args with the 2b flavour's shape and --micro-batch-2b (MFU and tokens use these)."""
-    from megamod.model.flavours import FLAVOURS
+    from megamod.config import FLAVOURS
 
     f = FLAVOURS["2b"]
     return argparse.Namespace(**{**vars(args), "flavour": "2b", "d": f["d_model"], "layers": f["n_layers"],

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from megamod.config import build_config
-from megamod.infer.kv_cache import KVCache
+from megamod.model.kv_cache import KVCache
 from megamod.model.gpt import GPT, build_model
 from megamod.model.mod import routed_blocks, routing
 

@@ -135,7 +135,7 @@ class Attention(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
-        """kv: this layer's KV cache while decoding incrementally (megamod/infer/kv_cache.py); it
+        """kv: this layer's KV cache while decoding incrementally (megamod/model/kv_cache.py); it
         stores the new keys/values and attends over everything cached, by original position."""
         b, s, _ = x.shape
         # -1 because TP may have sharded the heads: (B, S, H/tp, D)

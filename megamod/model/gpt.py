@@ -14,49 +14,17 @@ import zlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megamod.compat import build_rms_norm
 from megamod.config import Config, ModelConfig
-from megamod.model.attention import Attention, MobaAttention, SDPAttention
+from megamod.model.attention import MobaAttention, SDPAttention
+from megamod.model.block import Block
+from megamod.model.mod import RoutedBlock, routed_layers
 from megamod.model.rope import rope_tables
 
 if TYPE_CHECKING:
-    from megamod.infer.kv_cache import KVCache, KVStep
-
-
-class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, inner_attention: nn.Module) -> None:
-        super().__init__()
-        self.attention_norm = build_rms_norm(cfg.d_model, cfg.norm_eps)
-        self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, inner_attention)
-        self.ffn_norm = build_rms_norm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = MLP(cfg.d_model, cfg.ffn_hidden)
-
-    def residual(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 kv: KVStep | None = None) -> torch.Tensor:
-        """f(x) with block output x + f(x); Mixture-of-Depths scales exactly this by g(r).
-        ``kv``: this layer's KV cache during incremental decoding (megamod/infer/kv_cache.py)."""
-        a = self.attention(self.attention_norm(x), cos, sin, kv)
-        return a + self.feed_forward(self.ffn_norm(x + a))
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: KVStep | None = None) -> torch.Tensor:
-        return x + self.residual(x, cos, sin, kv)
+    from megamod.model.kv_cache import KVCache
 
 
 def build_inner_attention(cfg: Config, layer_id: int) -> nn.Module:
@@ -72,8 +40,6 @@ def build_inner_attention(cfg: Config, layer_id: int) -> nn.Module:
 def build_block(cfg: Config, layer_id: int) -> Block:
     """The one place a layer's kind is chosen: a dense block, or a Mixture-of-Depths routed one
     (same parameter names plus ``router``/``predictor``, so TP plans and checkpoints carry over)."""
-    from megamod.model.mod import RoutedBlock, routed_layers  # mod.py builds on Block
-
     if layer_id in routed_layers(cfg):
         return RoutedBlock(cfg.model, build_inner_attention(cfg, layer_id), cfg.mod)
     return Block(cfg.model, build_inner_attention(cfg, layer_id))

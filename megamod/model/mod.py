@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamod.config import Config, ModConfig, ModelConfig
-from megamod.model.gpt import Block
+from megamod.model.block import Block
 
 RoutingMode = str  # "topk" | "causal"
 _MODES = ("topk", "causal")

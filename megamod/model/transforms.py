@@ -31,6 +31,6 @@ def compile_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     """The loss over the (B, S, V) logits under torch.compile: inductor fuses the fp32 upcast,
     log-softmax and their backward into one pass over the logits each way (eager, ~18 GB of
     traffic for the 1b model at micro-batch 8; compiled, 5 ms and 3.9 GiB less a step on an
-    H100, benchmarks/README.md). The vocab-parallel loss (tp > 1) has collectives inside and
+    H100, benchmarks/experiments/NOTES_throughput.md). The vocab-parallel loss (tp > 1) has collectives inside and
     stays eager."""
     return torch.compile(loss_fn) if tp == 1 else loss_fn

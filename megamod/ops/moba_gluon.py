@@ -16,7 +16,7 @@ that the schedule is ours instead of the pipeliner's:
   - P and dS feed the dV/dK products from registers; 253-255 registers, no spills to speak of
     (the Triton kernel spills at 255).
 
-Measured on an H100 (benchmarks/NOTES_moba.md, session 5): dK/dV 1.36x faster at 32K/512, 1.25x
+Measured on an H100 (benchmarks/experiments/NOTES_moba.md, session 5): dK/dV 1.36x faster at 32K/512, 1.25x
 at 128K/512, 1.28x at 1M/4096 (head dim 128; the whole backward 1.24-1.29x at head dim 64), and
 bit-identical to the Triton kernel's dk/dv (same products in the same order). Gluon has no CPU interpreter: CI compiles the kernel for sm_90 offline
 (tests/unit/test_moba_gluon.py); correctness runs on the GPU (benchmarks/moba_check.py).

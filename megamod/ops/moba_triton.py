@@ -48,7 +48,7 @@ from megamod.ops.moba_plan import (LOG2E, _cdiv, _gate, _kv_descriptors, _plan_b
 
 LN2 = 0.6931471805599453
 
-# Tile configs (BM query rows, BN key rows), measured on an H100 (benchmarks/NOTES_moba.md).
+# Tile configs (BM query rows, BN key rows), measured on an H100 (benchmarks/experiments/NOTES_moba.md).
 # Long blocks favour the larger forward tile; the gate uses split-fp32 tensor-core products
 # ("tf32x3", ~1e-6 relative): the exact-fp32 CUDA-core variant ("fma") is 9x slower there.
 # gate_stages=1: the tf32x3 gate keeps q and its split in shared memory (98 KB at 1 stage, 131 KB

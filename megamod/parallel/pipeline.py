@@ -49,7 +49,7 @@ import torch.distributed as dist
 from megamod.config import Config
 from megamod.model.gpt import GPT
 from megamod.parallel.dims import ParallelDims
-from megamod.train.flops import layer_forward_flops
+from megamod.model.flops import layer_forward_flops
 
 # ---------------------------------------------------------------------------------------------
 # The split: contiguous stages balanced by estimated forward FLOPs (or given per stage)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from typing import Any
@@ -37,22 +36,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-MARKER = "megamod_complete.json"
-_TAG_RE = re.compile(r"^step_(\d{8})$")
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def stage_dir(stage: int) -> str:
-    return f"pp_stage_{stage:02d}"
-
-
-def _engine_location(ckpt_dir: str, tag: str, stage: int | None) -> tuple[str, str]:
-    """(save_dir, tag) for DeepSpeed: the step's directory itself, or a stage's inside it."""
-    return (ckpt_dir, tag) if stage is None else (os.path.join(ckpt_dir, tag), stage_dir(stage))
-
+from megamod.train.ckpt_layout import (MARKER, engine_location, find_latest_complete, list_tags, read_meta,  # noqa: F401
+                                      stage_dir, tag_for)
+from megamod.train.reshard import convert_to_universal, full_state_dict, load_universal
 
 @dataclass
 class TrainState:
@@ -87,25 +73,6 @@ def _atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def list_tags(ckpt_dir: str) -> list[tuple[int, str, bool]]:
-    """(step, tag, complete) for every step_* directory, newest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    out = []
-    for name in os.listdir(ckpt_dir):
-        m = _TAG_RE.match(name)
-        if m:
-            out.append((int(m.group(1)), name, os.path.exists(os.path.join(ckpt_dir, name, MARKER))))
-    return sorted(out, reverse=True)
-
-
-def find_latest_complete(ckpt_dir: str) -> str | None:
-    for _, tag, complete in list_tags(ckpt_dir):
-        if complete:
-            return tag
-    return None
-
-
 def save(engine, ckpt_dir: str, state: TrainState, config: dict[str, Any], keep_last: int,
          stage: int | None = None) -> str:
     """Collective: every rank calls it. ``stage``: this rank's pipeline stage when pp > 1.
@@ -116,7 +83,7 @@ def save(engine, ckpt_dir: str, state: TrainState, config: dict[str, Any], keep_
     if rank == 0 and os.path.exists(os.path.join(path, MARKER)):
         os.remove(os.path.join(path, MARKER))  # re-saving a step: invalid until rewritten
     dist.barrier()
-    save_dir, ds_tag = _engine_location(ckpt_dir, tag, stage)
+    save_dir, ds_tag = engine_location(ckpt_dir, tag, stage)
     engine.save_checkpoint(save_dir, tag=ds_tag, save_latest=False)
     torch.save(_rng_state(), os.path.join(path, f"megamod_rank{rank:05d}.pt"))
     dist.barrier()  # every rank's files are on disk before the marker says so
@@ -153,7 +120,7 @@ def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None, st
 
     ``grid``: this run's degrees (``ParallelDims.sizes()``). A checkpoint written on another grid
     (TP or PP degree, or world size) is resumed through DeepSpeed's universal checkpoint
-    (converted once, by rank 0; see megamod/parallel/reshard.py)."""
+    (converted once, by rank 0; see megamod/train/reshard.py)."""
     path = os.path.join(ckpt_dir, tag)
     with open(os.path.join(path, MARKER)) as f:
         meta = json.load(f)
@@ -161,7 +128,7 @@ def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None, st
     now = {**saved, **{k: v for k, v in (grid or {}).items() if k in saved}, "world_size": dist.get_world_size()}
     rank = dist.get_rank()
     if saved == now:
-        load_path, _ = engine.load_checkpoint(*_engine_location(ckpt_dir, tag, stage))
+        load_path, _ = engine.load_checkpoint(*engine_location(ckpt_dir, tag, stage))
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
         rng_rank = rank
@@ -174,8 +141,6 @@ def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None, st
 
 def _reshard_load(engine, ckpt_dir: str, tag: str, saved: dict[str, int], now: dict[str, int],
                   meta: dict[str, Any]) -> None:
-    from megamod.parallel.reshard import convert_to_universal, load_universal
-
     path = os.path.join(ckpt_dir, tag)
     zero_saved = meta["config"]["optim"]["zero_stage"]
     if zero_saved not in (1, 2) or engine.zero_optimization_stage() not in (1, 2):
@@ -227,9 +192,7 @@ def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, 
         return out
     if tp > 1 or pp > 1:
         # TP slices and pipeline stages are merged by the universal conversion
-        # (megamod/parallel/reshard.py, cached in the tag).
-        from megamod.parallel.reshard import full_state_dict
-
+        # (megamod/train/reshard.py, cached in the tag).
         sd = full_state_dict(ckpt_dir, tag)
         if config["model"]["tie_embeddings"]:
             sd["output.weight"] = sd["tok_embeddings.weight"]
@@ -251,8 +214,3 @@ def _master_weights(optimizer: dict[str, Any] | None) -> dict[str, torch.Tensor]
             if "master" in state:
                 out[name] = state["master"]
     return out
-
-
-def read_meta(ckpt_dir: str, tag: str) -> dict[str, Any]:
-    with open(os.path.join(ckpt_dir, tag, MARKER)) as f:
-        return json.load(f)

@@ -5,7 +5,7 @@ Pure arithmetic: the config is validated for ``N`` ranks, the rank grid comes fr
 parameters by layer. Nothing here touches torch.distributed.
 
 Pipeline split: the trainer's own (``megamod.parallel.pipeline.stage_layers``): contiguous stages
-chosen to minimise the largest stage's forward FLOPs (``megamod.train.flops.layer_forward_flops``
+chosen to minimise the largest stage's forward FLOPs (``megamod.model.flops.layer_forward_flops``
 per block, so Mixture-of-Depths blocks are cheap), or ``--parallel.pp_layers`` when given.
 The input embedding sits on stage 0 and costs 0 FLOPs (a lookup, flops.py's convention); the
 final norm (elementwise, 0) and the output projection (2·S·d·V) sit on the last stage.
@@ -224,7 +224,7 @@ def format_report(cfg: Config, world_size: int) -> str:
     total = sum(pl.flops for pl in plans)
     mean = total / len(plans)
     how = ("as given by --parallel.pp_layers" if p.pp_layers else
-           f"contiguous split balancing forward FLOPs per {t.seq_len}-token sequence, megamod.train.flops")
+           f"contiguous split balancing forward FLOPs per {t.seq_len}-token sequence, megamod.model.flops")
     lines += ["", f"pipeline stages ({how}; FLOPs per sequence):",
               f"  {'stage':>5}  {'blocks':<8} {'also':<22} {'GFLOP':>9} {'share':>6}  {'params/rank':>12}"]
     for s, pl in enumerate(plans):

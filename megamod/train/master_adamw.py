@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megamod.train.engine import clip_and_skip
+from megamod.train.clipping import clip_and_skip
 
 BLOCK = 4096  # elements a program updates; every parameter starts on a multiple of it
 

@@ -29,7 +29,7 @@ from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
 from megamod.train.engine import build_engine, resolve_dtype
-from megamod.train.flops import forward_flops_per_sequence, peak_flops, train_flops_per_step
+from megamod.model.flops import forward_flops_per_sequence, peak_flops, train_flops_per_step
 from megamod.train.metrics import MetricsLogger
 from megamod.train.signals import StopController, requeue_slurm_job
 
@@ -56,7 +56,7 @@ class Trainer:
 
     @functools.cached_property
     def step_flops(self) -> int:
-        """Analytic training FLOPs of one optimizer step over the global batch (train/flops.py)."""
+        """Analytic training FLOPs of one optimizer step over the global batch (model/flops.py)."""
         t = self.cfg.train
         return train_flops_per_step(self.cfg, t.micro_batch_size * t.grad_accum * self.dims.dp)
 

@@ -7,7 +7,8 @@ import torch
 
 from megamod.config import load_config
 from megamod.parallel.dims import ParallelDims
-from megamod.train.engine import ClippingAdamW, clips_in_optimizer, deepspeed_config, resolve_precision
+from megamod.train.clipping import ClippingAdamW
+from megamod.train.engine import clips_in_optimizer, deepspeed_config, resolve_precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -1,4 +1,4 @@
-"""Analytic FLOPs (megamod.train.flops) against torch's FlopCounterMode, dense and MoD."""
+"""Analytic FLOPs (megamod.model.flops) against torch's FlopCounterMode, dense and MoD."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megamod.config import load_config
 from megamod.model.gpt import build_model
-from megamod.train.flops import forward_flops_per_sequence, layer_forward_flops, train_flops_per_step
+from megamod.model.flops import forward_flops_per_sequence, layer_forward_flops, train_flops_per_step
 
 
 def _cfg(*argv):

@@ -5,7 +5,7 @@ import torch
 
 from megamod.config import load_config
 from megamod.infer.generate import sample
-from megamod.infer.kv_cache import KVCache
+from megamod.model.kv_cache import KVCache
 from megamod.model.gpt import build_model
 from megamod.model.mod import routed_layers, routing
 

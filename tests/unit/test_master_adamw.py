@@ -164,7 +164,7 @@ def test_loading_another_models_state_names_the_problem():
 def test_switching_recipes_on_resume_is_refused():
     """A master_fused checkpoint into the autocast recipe's optimizer would keep only the bf16
     copies of the weights; an autocast checkpoint has no master weights to load. Both name the fix."""
-    from megamod.train.engine import ClippingAdamW
+    from megamod.train.clipping import ClippingAdamW
 
     a = _params()
     opt = MasterAdamW(_groups(a), max_norm=1.0, **KW)

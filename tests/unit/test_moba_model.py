@@ -6,7 +6,7 @@ import torch
 
 from megamod.config import load_config
 from megamod.infer.generate import sample
-from megamod.infer.kv_cache import KVCache
+from megamod.model.kv_cache import KVCache
 from megamod.model.attention import MobaAttention
 from megamod.model.gpt import build_model
 from megamod.model.mod import RoutedBlock, capacity_tokens, routing, topk_positions

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megamod.parallel.reshard import place_adam_steps
+from megamod.train.reshard import place_adam_steps
 
 
 def test_universal_resume_puts_fused_adam_steps_on_the_parameter_device():

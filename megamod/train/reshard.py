@@ -1,6 +1,6 @@
 """Resume a checkpoint on another grid (TP or PP degree, DP size) via DeepSpeed's universal checkpoint.
 
-    python -m megamod.parallel.reshard runs/x/checkpoints [--tag step_00000100]   (offline, optional)
+    python -m megamod.train.reshard runs/x/checkpoints [--tag step_00000100]   (offline, optional)
 
 Why DeepSpeed's, not a format of our own: measured on CPU/gloo with DeepSpeed 0.19.8 and ZeRO-2,
 tp=2 × dp=2 resumed at tp=4 × dp=1, tp=1 × dp=4 and tp=1 × dp=1, the next two steps' losses and
@@ -37,6 +37,8 @@ import sys
 
 import torch
 
+from megamod.train.ckpt_layout import find_latest_complete, stage_dir
+
 UNIVERSAL = "universal"
 
 
@@ -50,7 +52,7 @@ def convert_to_universal(ckpt_dir: str, tag: str) -> str:
     if os.path.isdir(out):
         return out
     src = os.path.join(ckpt_dir, tag)
-    if os.path.isdir(os.path.join(src, _stage_dir(0))):
+    if os.path.isdir(os.path.join(src, stage_dir(0))):
         return _merge_stages(ckpt_dir, tag)
     tmp = out + ".tmp"
     # DeepSpeedCheckpoint lists the tag's files recursively: a stale partial conversion inside
@@ -72,12 +74,6 @@ def convert_to_universal(ckpt_dir: str, tag: str) -> str:
     with open(os.path.join(src, "latest_universal"), "w") as f:  # ds_to_universal pointed it at the tmp name
         f.write(UNIVERSAL)
     return out
-
-
-def _stage_dir(stage: int) -> str:
-    from megamod.train.checkpoint import stage_dir
-
-    return stage_dir(stage)
 
 
 def _merge_stages(ckpt_dir: str, tag: str) -> str:
@@ -158,14 +154,12 @@ def full_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megamod.parallel.reshard",
+    ap = argparse.ArgumentParser(prog="python -m megamod.train.reshard",
                                  description="Convert a checkpoint to DeepSpeed's universal format (done "
                                              "automatically on resume at another grid; this runs it ahead).")
     ap.add_argument("ckpt_dir", help="the run's checkpoints directory (train.run_dir/checkpoints)")
     ap.add_argument("--tag", help="step_XXXXXXXX (default: the newest complete one)")
     args = ap.parse_args(argv)
-    from megamod.train.checkpoint import find_latest_complete
-
     tag = args.tag or find_latest_complete(args.ckpt_dir)
     if tag is None:
         print(f"no complete checkpoint in {args.ckpt_dir}", file=sys.stderr)
