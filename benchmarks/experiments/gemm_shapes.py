@@ -2,16 +2,18 @@
 22 layers, bf16), timed alone under cuBLAS, cuBLASLt, then cuBLAS again (CUDA events, median of
 30 after 5 warm-up; cuda_timing.timed), and what they add up to per step, next to a bf16 8192^3 product:
 
-    python3 benchmarks/gemm_shapes.py out.json
+    python3 benchmarks/experiments/gemm_shapes.py out.json
 
 Compare the sum with the matmul time in the step's profile (train_throughput.py --profile): if the
 step's GEMMs already run as fast as they do alone, no other GEMM algorithm choice is left to gain."""
 import json
+import os
 import sys
 
 import torch
 
-from cuda_timing import timed  # benchmarks/ is this script's directory
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: cuda_timing
+from cuda_timing import timed  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = True
 dev = torch.device("cuda")

@@ -2,7 +2,7 @@
 backward's kernels with the real sorted token list and with the same list replaced by contiguous
 runs (values then meaningless, work and shapes the same). Result: benchmarks/results/moba_speed.md.
 
-  python benchmarks/moba_gather_probe.py
+  python benchmarks/experiments/moba_gather_probe.py
 """
 import os
 import sys
@@ -10,7 +10,7 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository
 from megamod.ops import moba_triton as mt  # noqa: E402
 from megamod.ops import moba_plan as mp  # noqa: E402
 

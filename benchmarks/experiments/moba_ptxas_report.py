@@ -1,6 +1,6 @@
 """Offline (no GPU) compile of the MoBA kernels for sm_90: registers, spills, shared memory.
 
-  TRITON_DEFAULT_FP_FUSION=1 python benchmarks/moba_ptxas_report.py
+  TRITON_DEFAULT_FP_FUSION=1 python benchmarks/experiments/moba_ptxas_report.py
 """
 import os
 import re
@@ -12,7 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository
 import megamod.ops.moba_backward as mb  # noqa: E402
 import megamod.ops.moba_plan as mp  # noqa: E402
 import megamod.ops.moba_triton as mt  # noqa: E402

@@ -1,6 +1,6 @@
 """Would the optimizer step hide under the next forward's GEMMs if it ran on a second stream (issue #9)?
 
-    python3 benchmarks/optimizer_overlap.py out.json
+    python3 benchmarks/experiments/optimizer_overlap.py out.json
 
 Stream A: the 1b forward's GEMM chain for one micro-batch (22 layers × 7 products, 16384 tokens,
 bf16). Stream B: torch's fused AdamW over 1.26e9 fp32 parameters in 22 chunks (28 B per parameter,
@@ -8,11 +8,13 @@ the same traffic as MasterAdamW). Times A alone, B alone, A then B, and A and B 
 two streams (cuda_timing.timed: median of 10 after 3 warm-up, two rounds). If the two streams take about
 max(A, B), the bandwidth-bound step hides under the compute-bound GEMMs; if about A + B, it does not."""
 import json
+import os
 import sys
 
 import torch
 
-from cuda_timing import timed  # benchmarks/ is this script's directory
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # benchmarks/: cuda_timing
+from cuda_timing import timed  # noqa: E402
 
 dev = torch.device("cuda")
 M, d, f, L, N = 16384, 2048, 5632, 22, 1_261_529_088

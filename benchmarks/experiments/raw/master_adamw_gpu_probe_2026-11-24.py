@@ -39,7 +39,7 @@ def bench(kind):
         for p in ps: p.grad = torch.randn_like(p) * 1e-3
     else:
         sys.path.insert(0, ".")
-        from megamod.train.engine import ClippingAdamW
+        from megamod.train.clipping import ClippingAdamW
         o = ClippingAdamW(ps, max_norm=1.0, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
         for p in ps: p.grad = torch.randn_like(p) * 1e-3
     n = sum(p.numel() for p in ps)

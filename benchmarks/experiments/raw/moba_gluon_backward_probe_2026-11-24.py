@@ -1,7 +1,7 @@
 """The whole MoBA backward with the Gluon vs the Triton dK/dV on the same inputs (GPU): the GPU check first,
 then per point the backward time of each (queued back to back) and whether dq/dk/dv are bit-identical.
 
-    PYTHONPATH=$PWD python3 benchmarks/results/raw/moba_gluon_backward_probe_2026-11-24.py [--check-case I] T:chunk:topk:D:reps ...
+    PYTHONPATH=$PWD python3 benchmarks/experiments/raw/moba_gluon_backward_probe_2026-11-24.py [--check-case I] T:chunk:topk:D:reps ...
 
 --check-case I runs moba_check's case I only (default: every case)."""
 import argparse
