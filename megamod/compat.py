@@ -42,3 +42,32 @@ def build_adamw(params, *, lr: float, betas: tuple[float, float], eps: float, we
         return FusedAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                              fused=device.type == "cuda")
+
+
+# ---- dense attention with its log-sum-exp (context parallelism's pieces) ---------------------
+# PyTorch's public SDPA returns no log-sum-exp; merging exact attention pieces needs it, and the
+# backward must take the merged output and lse (parallel/cp_attention.py). The private ATen ops
+# that SDPA dispatches to (and that torch's own ring attention calls) provide both. Layout
+# (B, heads, L, D), heads equal for q and k/v (repeat GQA heads before).
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    """(out (B, H, Lq, D) in q's dtype, lse (B, H, Lq) fp32, state for attention_backward).
+    causal: query i sees keys j <= i (Lq == Lk)."""
+    if q.is_cuda:
+        out, lse, cq, ck, mq, mk, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False)
+        return out, lse.float(), (q, k, v, causal, (cq, ck, mq, mk, seed, offset), lse.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    return out, lse.float(), (q, k, v, causal, None, lse.dtype)
+
+
+def attention_backward(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, state):
+    """(dq, dk, dv) of one piece, given the merged ``out`` and ``lse`` of the whole attention."""
+    q, k, v, causal, extra, lse_dtype = state
+    do, out, lse = do.to(q.dtype).contiguous(), out.to(q.dtype).contiguous(), lse.to(lse_dtype).contiguous()
+    if extra is not None:
+        cq, ck, mq, mk, seed, offset = extra
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            do, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, causal)

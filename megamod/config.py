@@ -374,16 +374,18 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"--train.seq_len {t.seq_len} exceeds --model.max_seq_len {m.max_seq_len}")
     if p.cp > 1 and t.seq_len % (2 * p.cp):
-        raise ConfigError(f"--train.seq_len {t.seq_len} must be divisible by 2·cp = {2 * p.cp} (load-balanced chunks)")
+        raise ConfigError(f"--train.seq_len {t.seq_len} must be divisible by 2·cp = {2 * p.cp} (each sequence is cut "
+                          f"into 2·cp load-balanced chunks); change --train.seq_len or --parallel.cp")
     if p.sequence_parallel and t.seq_len // p.cp % p.tp:
         raise ConfigError(f"with --parallel.sequence_parallel, seq_len/cp = {t.seq_len // p.cp} must be divisible "
                           f"by --parallel.tp {p.tp}")
     if m.attention == "moba":
         if cfg.moba.chunk_size < 1 or cfg.moba.topk < 1:
             raise ConfigError("--moba.chunk_size and --moba.topk must be >= 1")
-        if p.cp > 1 and (t.seq_len // (2 * p.cp)) % cfg.moba.chunk_size:
-            raise ConfigError(f"CP chunk seq_len/(2·cp) = {t.seq_len // (2 * p.cp)} must be a multiple of "
-                              f"--moba.chunk_size {cfg.moba.chunk_size}")
+        if p.cp > 1 and t.seq_len % (2 * p.cp * cfg.moba.chunk_size):
+            raise ConfigError(f"--train.seq_len {t.seq_len} must be divisible by 2·cp·moba.chunk_size = "
+                              f"{2 * p.cp * cfg.moba.chunk_size} (CP chunks are whole MoBA blocks); change "
+                              f"--train.seq_len, --parallel.cp or --moba.chunk_size")
     if cfg.mod.enabled:
         if not 0.0 < cfg.mod.capacity <= 1.0:
             raise ConfigError(f"--mod.capacity {cfg.mod.capacity} must be in (0, 1]")
@@ -392,6 +394,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         bad = [i for i in cfg.mod.layers if not 0 <= i < m.n_layers]
         if bad:
             raise ConfigError(f"--mod.layers {bad} outside 0..{m.n_layers - 1}")
+        if p.cp > 1:
+            # top-k per sequence over a sequence split across ranks needs CP-aware routing (not built yet)
+            raise ConfigError(f"--mod.enabled with --parallel.cp {p.cp} is not supported yet (Mixture-of-Depths "
+                              f"routes per whole sequence); use --parallel.cp 1, or dense/MoBA attention without MoD")
     if cfg.optim.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--optim.zero_stage {cfg.optim.zero_stage} must be 0, 1, 2 or 3")
     if t.bf16_mode == "master_fused" and (cfg.optim.zero_stage != 0 or world_size != 1):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from megamod.config import Config
 from megamod.model.gpt import GPT
+from megamod.parallel.context import apply_cp, cp_loss
 from megamod.parallel.dims import ParallelDims
 from megamod.parallel.pipeline import apply_pp
 from megamod.parallel.tensor import apply_tp, universal_checkpoint_info
@@ -37,14 +38,12 @@ def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, group) -
 
 def parallelize_model(model: GPT, cfg: Config, dims: ParallelDims) -> None:
     """In-place, on the meta device. Degree-1 dimensions are no-ops."""
-    if dims.cp > 1:
-        raise NotImplementedError(
-            f"context parallelism is not implemented yet; got cp={dims.cp} (set --parallel.cp 1; tensor, "
-            f"pipeline and data parallelism are supported)")
     # 1. Tensor parallelism (+ sequence parallelism): swap linears/embedding for sharded ones.
     apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
     # 2. Pipeline split: keep this stage's blocks (same names), embedding first, output last.
     apply_pp(model, cfg, dims)
+    # 3. Context parallelism: every inner attention (dense or MoBA) becomes its CP version.
+    apply_cp(model, dims)
     # How each parameter this rank holds is split, saved with every checkpoint (at tp=1 too), so
     # DeepSpeed's ds_to_universal can merge TP slices and a run can resume at another TP degree.
     # (Names only: the same before and after the swap; after the split, so a stage's patterns
@@ -53,7 +52,8 @@ def parallelize_model(model: GPT, cfg: Config, dims: ParallelDims) -> None:
 
 
 def build_loss_fn(cfg: Config, dims: ParallelDims) -> LossFn:
-    """The loss matching the output layer's sharding (vocab-parallel under TP), chosen once."""
+    """The loss matching the output layer's sharding (vocab-parallel under TP), chosen once; under
+    CP this rank's share of the whole sequence's mean (context.cp_loss)."""
     if dims.tp > 1:
-        return partial(vocab_parallel_lm_loss, group=dims.group("tp"))
-    return lm_loss
+        return cp_loss(partial(vocab_parallel_lm_loss, group=dims.group("tp")), dims.cp)
+    return cp_loss(lm_loss, dims.cp)

@@ -47,7 +47,8 @@ def test_2b_memory_matches_zero_formulas(zero, dtype):
                 "optimizer": o * p / (z if zero >= 1 else 1)}
     mem = memory_per_rank(cfg, 256)
     assert {k: mem[k] for k in expected} == expected
-    assert mem["activations"] > 0 and mem["total"] == pytest.approx(sum(expected.values()) + mem["activations"])
+    assert mem["activations"] > 0 and mem["logits"] > 0 and mem["cp_kv"] == 0
+    assert mem["total"] == pytest.approx(sum(expected.values()) + mem["activations"] + mem["logits"])
 
 
 @pytest.mark.parametrize("accum, grad_bytes", [(1, 2), (2, 4)])
