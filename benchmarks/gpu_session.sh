@@ -14,6 +14,7 @@
 #   benchmarks/gpu_session.sh mod-ablate   -> mod_speed.py z0 mb8 with the in-step routing ablation (3 processes)
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
+#   benchmarks/gpu_session.sh cp           -> cp_attention.py: CP attention's per-rank work vs one device (issue #20)
 #   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
 #                                             and mod_speed.py z0 mb8 x 2 with the in-step routing ablation
 set -uo pipefail
@@ -74,6 +75,8 @@ for what in "$@"; do
                     > "$OUT/ncu_${k%%:*}.txt" 2>&1
                 grep -v "^==PROF==" "$OUT/ncu_${k%%:*}.txt" | grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Registers|Occupancy|Shared Memory|Block Limit|Pipe|L2|L1|DRAM" | head -60
             done ;;
+        cp) python3 benchmarks/cp_attention.py --json "$OUT/cp_attention.json" 2>&1 | grep --line-buffered -v Warning \
+            | tee "$OUT/cp_attention.log" ;;
         *) echo "unknown: $what" ;;
     esac
 done
