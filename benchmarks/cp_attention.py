@@ -21,6 +21,7 @@ ranks; picks equal to the single-device gate's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -31,6 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from megamod import compat  # noqa: E402
 from megamod.model.attention import MobaAttention, SDPAttention  # noqa: E402
 from megamod.ops import moba_attn_varlen  # noqa: E402
 from megamod.ops.moba_pieces import block_means  # noqa: E402
@@ -58,6 +60,18 @@ class OneGPUComm(CPComm):
             self.grads[name] = self.grads[name] + y.float() if name in self.grads else y.float()
         b, s = y.shape[:2]
         return y.new_zeros(b, s // self.size, *y.shape[2:])
+
+
+@contextlib.contextmanager
+def dense_backend(name):
+    """Run the dense CP pieces on the ATen op ``name`` ("cudnn", "flash"; None or "cpu": the default)."""
+    saved = compat._dense_backend
+    if name not in (None, "cpu"):
+        compat._dense_backend = lambda index: name
+    try:
+        yield
+    finally:
+        compat._dense_backend = saved
 
 
 def _sync(dev):
@@ -203,6 +217,8 @@ def main() -> None:
     ap.add_argument("--points", default="moba:1048576:8:4096:12,moba:131072:8:512:3,dense:131072:8:0:0",
                     help="kind:S:cp:chunk:topk, comma-separated")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dense-backends", default="cudnn,flash",
+                    help="ATen attention ops the dense CP pieces run on (CUDA), each checked and timed")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     dev = torch.device("cpu" if args.tiny else "cuda")
@@ -211,19 +227,26 @@ def main() -> None:
                device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", command=" ".join(sys.argv))
     checks = [("moba", 256, 4, 16, 3), ("dense", 256, 4, 0, 0)] if args.tiny else \
         [("moba", 32768, 4, 512, 3), ("moba", 65536, 8, 4096, 4), ("dense", 16384, 4, 0, 0)]
-    out["checks"] = [check(*c, dev, dtype, 1e-5 if args.tiny else 1e-2) for c in checks]
-    for c in out["checks"]:
-        print(json.dumps(c), flush=True)
+    backends = ["cpu"] if args.tiny else args.dense_backends.split(",")
+    out["checks"], out["points"] = [], []
+    for c in checks:
+        for backend in backends if c[0] == "dense" else [None]:
+            with dense_backend(backend):
+                row = dict(check(*c, dev, dtype, 1e-5 if args.tiny else 1e-2), dense_backend=backend)
+            out["checks"].append(row)
+            print(json.dumps(row), flush=True)
     points = "moba:512:4:16:3,dense:256:4:0:0" if args.tiny else args.points
     h, hkv, d = (4, 2, 16) if args.tiny else (16, 16, 128)
-    out["points"] = []
     for spec in points.split(","):
         kind, s, cp, chunk, topk = spec.split(":")
-        row = point(kind, int(s), int(cp), int(chunk), int(topk), h, hkv, d, 1 if args.tiny else args.reps, dev, dtype)
-        out["points"].append(row)
-        print(json.dumps(row), flush=True)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        for backend in backends if kind == "dense" else [None]:
+            with dense_backend(backend):
+                row = dict(point(kind, int(s), int(cp), int(chunk), int(topk), h, hkv, d,
+                                 1 if args.tiny else args.reps, dev, dtype), dense_backend=backend)
+            out["points"].append(row)
+            print(json.dumps(row), flush=True)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -5,7 +5,8 @@ seq 32, a 2-block model, each grid twice: dense attention, and MoBA (block 4, to
 32-token sequence has 8 blocks and a query picks up to two past ones) with the last block kept
 dense (hybrid, so both CP attention kinds run):
 
-- 2 ranks: cp 2 (ZeRO-1); and cp 2 through the real loop, saving at step 5;
+- 2 ranks: cp 2 (ZeRO-1); cp 2 at ZeRO-0 with activation checkpointing and torch.compile; and
+  cp 2 through the real loop, saving at step 5;
 - 4 ranks: cp 4 (ZeRO-1), tp 2 × cp 2 with sequence parallelism (ZeRO-1), cp 2 × dp 2 (ZeRO-2),
   cp 2 × pp 2 (ZeRO-1); then the cp 2 checkpoint resumed at cp 4;
 - 8 ranks: tp 2 × cp 2 × pp 2 (sequence parallel, ZeRO-1);
@@ -34,7 +35,10 @@ MOBA = ["--model.attention", "moba", "--moba.chunk_size", "4", "--moba.topk", "3
 KINDS = {"dense": [], "moba": MOBA}
 SP = ["--parallel.sequence_parallel", "true"]
 # label -> (tp, cp, pp, zero stage, extra); dp = world / (tp·cp·pp)
-TWO = {"cp2": (1, 2, 1, 1, [])}
+TWO = {"cp2": (1, 2, 1, 1, []),
+       # ZeRO-0 (ClippingAdamW clips after DeepSpeed's all-reduce over dp·cp), activation
+       # checkpointing (the CP forward and its collectives run again inside backward) and torch.compile
+       "cp2_z0_ac_compile": (1, 2, 1, 0, ["--train.activation_checkpointing", "true", "--train.compile", "true"])}
 FOUR = {"cp4": (1, 4, 1, 1, []), "tp2_cp2_sp": (2, 2, 1, 1, SP), "cp2_dp2_z2": (1, 2, 1, 2, []),
         "cp2_pp2": (1, 2, 2, 1, [])}
 EIGHT = {"tp2_cp2_pp2_sp": (2, 2, 2, 1, SP)}
