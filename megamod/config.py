@@ -89,6 +89,14 @@ class ModConfig:
     aux_loss_weight: float = _f(0.01, "weight of the router BCE loss (top-k membership targets)")
     predictor: bool = _f(True, "train the stop-gradient causal predictor used for sampling")
     predictor_hidden: int = _f(0, "predictor MLP hidden size (0: d_model // 8)")
+    window: int = _f(0, "route the top k = max(1, floor(capacity·window)) of every window of this many "
+                        "consecutive tokens (0: the whole sequence); the same window routes the same at every cp")
+    cp_balance: Literal["window", "global"] = _f(
+        "window", "under context parallelism: 'window' (mod.window must divide seq_len/(2·cp): every rank "
+        "routes its own windows, no communication) or 'global' (exact per-sequence top-k over all-gathered "
+        "router logits, each rank's routed tokens padded to a fixed cap; mod.window 0)")
+    cp_slack: float = _f(0.25, "global mode: each CP rank processes at most ceil(k/cp·(1 + cp_slack)) tokens; "
+                              "selected tokens beyond that ride the residual (counted as overflow)")
 
 
 @dataclass
@@ -394,10 +402,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         bad = [i for i in cfg.mod.layers if not 0 <= i < m.n_layers]
         if bad:
             raise ConfigError(f"--mod.layers {bad} outside 0..{m.n_layers - 1}")
-        if p.cp > 1:
-            # top-k per sequence over a sequence split across ranks needs CP-aware routing (not built yet)
-            raise ConfigError(f"--mod.enabled with --parallel.cp {p.cp} is not supported yet (Mixture-of-Depths "
-                              f"routes per whole sequence); use --parallel.cp 1, or dense/MoBA attention without MoD")
+        _validate_mod_windows(cfg)
     if cfg.optim.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--optim.zero_stage {cfg.optim.zero_stage} must be 0, 1, 2 or 3")
     if t.bf16_mode == "master_fused" and (cfg.optim.zero_stage != 0 or world_size != 1):
@@ -412,6 +417,33 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not cfg.data.paths and not cfg.data.synthetic:
         raise ConfigError("no training data: set --data.paths PREFIX (see tools/preprocess_data.py) "
                           "or --data.synthetic true")
+
+
+def _validate_mod_windows(cfg: Config) -> None:
+    """Routing windows (mod.window) and Mixture-of-Depths under context parallelism."""
+    mod, p, t = cfg.mod, cfg.parallel, cfg.train
+    w = mod.window or t.seq_len
+    if mod.window < 0 or t.seq_len % w:
+        raise ConfigError(f"--mod.window {mod.window} must divide --train.seq_len {t.seq_len} (or be 0: the whole "
+                          f"sequence)")
+    if p.cp == 1:
+        return
+    chunk = t.seq_len // (2 * p.cp)
+    if mod.cp_balance == "window" and (mod.window == 0 or chunk % mod.window):
+        raise ConfigError(f"MoD under --parallel.cp {p.cp} routes per window: --mod.window must divide "
+                          f"seq_len/(2·cp) = {chunk} (e.g. --mod.window {chunk}), or set --mod.cp_balance global")
+    if mod.cp_balance == "global" and mod.window:
+        raise ConfigError("--mod.cp_balance global takes the top k of the whole sequence: set --mod.window 0 "
+                          "(or --mod.cp_balance window)")
+    if mod.cp_balance == "global" and cfg.model.attention == "moba":
+        raise ConfigError("--mod.cp_balance global spreads a sequence's routed tokens unevenly over the CP ranks, "
+                          "so MoBA's blocks cannot follow them; use --mod.cp_balance window with MoBA")
+    if mod.cp_balance == "window" and cfg.model.attention == "moba":
+        routed_chunk = chunk // mod.window * max(1, int(mod.capacity * mod.window))
+        if routed_chunk % cfg.moba.chunk_size:
+            raise ConfigError(f"MoBA inside routed blocks under CP runs over the routed tokens, {routed_chunk} per CP "
+                              f"chunk here: a multiple of --moba.chunk_size {cfg.moba.chunk_size} is needed; change "
+                              f"--mod.window, --mod.capacity or --moba.chunk_size")
 
 
 def help_text() -> str:

@@ -21,21 +21,8 @@ import torch
 from torch import nn
 
 from megamod.parallel.cp_attention import ContextParallelAttention
-from megamod.parallel.cp_comm import CPComm, local_chunks
-
-
-def zigzag_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
-    """(S/cp,) global positions of the tokens this rank holds, in local order."""
-    c = seq_len // (2 * cp)
-    return torch.cat([torch.arange(g * c, (g + 1) * c, device=device) for g in local_chunks(cp, rank)])
-
-
-def shard_sequence(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
-    """This rank's zigzag slice of a full-sequence tensor along ``dim`` (S -> S/cp)."""
-    if cp == 1:
-        return x
-    chunks = x.chunk(2 * cp, dim=dim)
-    return torch.cat([chunks[g] for g in local_chunks(cp, rank)], dim=dim)
+from megamod.parallel.cp_comm import CPComm, shard_sequence, zigzag_positions  # noqa: F401 (the layout, re-exported)
+from megamod.parallel.routed_cp import apply_routed_cp
 
 
 def shard_batch(batch: torch.Tensor, cp: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -67,12 +54,15 @@ def cp_loss(loss_fn, cp: int):
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_cp(model: nn.Module, dims) -> None:
-    """Replace every block's inner attention (SDPA or MoBA) by its context-parallel version, in
-    place, on the meta device or later. No-op at cp = 1. Module and parameter names do not change
-    (the inner attention holds no parameters)."""
+def apply_cp(model: nn.Module, dims, cfg) -> None:
+    """Replace every block's inner attention (SDPA or MoBA) by its context-parallel version and give
+    Mixture-of-Depths routed blocks their CP seams (routed_cp.py), in place, on the meta device or
+    later. No-op at cp = 1. Module and parameter names do not change (the inner attention holds no
+    parameters)."""
     if dims.cp == 1:
         return
     for block in model.layers.values():
         attn = block.attention
         attn.inner = ContextParallelAttention(attn.inner, CPComm(dims.group("cp"), dims.coords()["cp"], dims.cp))
+    apply_routed_cp(model, lambda: CPComm(dims.group("cp"), dims.coords()["cp"], dims.cp), cfg.train.seq_len,
+                    cfg.mod.cp_balance, cfg.mod.cp_slack)

@@ -209,3 +209,55 @@ class ContextParallelAttention(nn.Module):
             out[f"cp_{key}"] = float(val) / n
         self._forwards = 0
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention among a routed block's tokens when they are spread unevenly over the CP ranks
+# (Mixture-of-Depths' global mode, routed_cp.py): by explicit positions
+# ---------------------------------------------------------------------------------------------
+
+
+class _GatherRanks(torch.autograd.Function):
+    """CPComm.gather_ranks with its backward (the gathered rows' gradients summed back to their rank)."""
+
+    @staticmethod
+    def forward(ctx, x, comm: CPComm, name: str):
+        ctx.comm, ctx.name = comm, name
+        return comm.gather_ranks(x, name)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.scatter_ranks(grad, "d" + ctx.name), None, None
+
+
+class RoutedTokensCPAttention(nn.Module):
+    """Dense causal attention among tokens held at arbitrary positions on the CP ranks: q (B, n, H, D),
+    k/v (B, n, Hkv, D) of this rank's n rows, whose global positions and validity (padding rows
+    are invalid) the routed block sets in ``rows`` before each forward. Keys and values of every
+    rank's rows are all-gathered (Hkv heads only); a query sees the valid keys at positions <= its
+    own. Padding queries see every key (their outputs are discarded), so no softmax row is empty."""
+
+    def __init__(self, comm: CPComm) -> None:
+        super().__init__()
+        self.comm = comm
+        self.rows: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"cp={self.comm.size}, rank={self.comm.rank}, routed tokens by position"
+
+    @torch.compiler.disable
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        pos, valid = self.rows  # (B, n) each
+        k_all, v_all = _GatherRanks.apply(k, self.comm, "k"), _GatherRanks.apply(v, self.comm, "v")
+        pos_all = self.comm.gather_ranks(pos, "positions")
+        valid_all = self.comm.gather_ranks(valid, "valid")
+        mask = (pos_all[:, None, :] <= pos[:, :, None]) & valid_all[:, None, :]  # (B, n, cp·n)
+        mask = mask | ~valid[:, :, None]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2),
+                                           attn_mask=mask[:, None], enable_gqa=k.shape[2] != q.shape[2])
+        return o.transpose(1, 2)
+
+    def log_metrics(self) -> dict[str, float]:
+        return {f"cp_bytes_{k}": v for k, v in self.comm.take_bytes().items()}

@@ -20,6 +20,20 @@ def local_chunks(cp: int, rank: int) -> tuple[int, int]:
     return rank, 2 * cp - 1 - rank
 
 
+def zigzag_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """(S/cp,) global positions of the tokens this rank holds, in local order."""
+    c = seq_len // (2 * cp)
+    return torch.cat([torch.arange(g * c, (g + 1) * c, device=device) for g in local_chunks(cp, rank)])
+
+
+def shard_sequence(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's zigzag slice of a full-sequence tensor along ``dim`` (S -> S/cp)."""
+    if cp == 1:
+        return x
+    chunks = x.chunk(2 * cp, dim=dim)
+    return torch.cat([chunks[g] for g in local_chunks(cp, rank)], dim=dim)
+
+
 @dataclass
 class CPComm:
     """The CP process group of this rank, and the two collectives CP attention needs.
@@ -64,6 +78,24 @@ class CPComm:
             inv[slot] = g
         send = glob[inv].reshape(s, b, *rest).contiguous()  # rank-major, as all_gather delivered it
         out = send.new_empty(2 * c, b, *rest)
+        reduce_scatter_single(out, send, group=self.group)
+        self._count(name, out)
+        return out.transpose(0, 1)
+
+    def gather_ranks(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x (B, n, ...) -> (B, cp·n, ...): every rank's rows, rank after rank (no layout)."""
+        b, n = x.shape[:2]
+        send = x.transpose(0, 1).contiguous()
+        out = send.new_empty(self.size * n, b, *x.shape[2:])
+        all_gather_single(out, send, group=self.group)
+        self._count(name, send)
+        return out.transpose(0, 1)
+
+    def scatter_ranks(self, y: torch.Tensor, name: str) -> torch.Tensor:
+        """The backward of gather_ranks: y (B, cp·n, ...) -> this rank's (B, n, ...), summed over the group."""
+        b, m = y.shape[:2]
+        send = y.transpose(0, 1).contiguous()
+        out = send.new_empty(m // self.size, b, *y.shape[2:])
         reduce_scatter_single(out, send, group=self.group)
         self._count(name, out)
         return out.transpose(0, 1)

@@ -43,7 +43,7 @@ def parallelize_model(model: GPT, cfg: Config, dims: ParallelDims) -> None:
     # 2. Pipeline split: keep this stage's blocks (same names), embedding first, output last.
     apply_pp(model, cfg, dims)
     # 3. Context parallelism: every inner attention (dense or MoBA) becomes its CP version.
-    apply_cp(model, dims)
+    apply_cp(model, dims, cfg)
     # How each parameter this rank holds is split, saved with every checkpoint (at tp=1 too), so
     # DeepSpeed's ds_to_universal can merge TP slices and a run can resume at another TP degree.
     # (Names only: the same before and after the swap; after the split, so a stage's patterns

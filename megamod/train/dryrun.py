@@ -60,7 +60,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from megamod.config import Config, resolve_dp
-from megamod.model.mod import capacity_tokens, routed_layers
+from megamod.model.mod import routed_layers, routed_tokens
 from megamod.parallel.pipeline import output_flops, stage_flops, stage_layers, stage_split  # noqa: F401 (re-exported)
 
 GIB = 2 ** 30
@@ -151,7 +151,7 @@ def layer_activation_bytes(cfg: Config, layer_id: int) -> float:
     if t.activation_checkpointing:
         return full_input
     if layer_id in routed_layers(cfg):
-        return _korthikanti(cfg, capacity_tokens(cfg.mod.capacity, s)) + full_input
+        return _korthikanti(cfg, routed_tokens(cfg.mod.capacity, cfg.mod.window, s)) + full_input
     return _korthikanti(cfg, s)
 
 

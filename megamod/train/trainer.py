@@ -70,7 +70,9 @@ class Trainer:
               stop: StopController | None = None) -> "Trainer":
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
-        set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum)  # MoD aux gradients: scaled like the LM loss
+        # MoD aux gradients: scaled like the LM loss (DeepSpeed divides it by grad_accum; a CP rank's
+        # share of a sequence's mean is 1/cp of its local mean)
+        set_aux_loss_scale(model, 1.0 / (cfg.train.grad_accum * dims.cp))
         mark_tied_copy(model)  # pp > 1: the last stage's copy of a tied embedding stays out of the optimizer
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -163,7 +165,9 @@ class Trainer:
         out = {"val_loss": self._eval_loss()}
         # Every rank must take the same branch (evaluation is collective), but a pipeline stage
         # may hold no routed block: decide over all ranks.
-        causal = torch.tensor(float(has_causal_routing(self.model)))
+        # Not under CP: causal routing's per-token decisions give the CP ranks unequal token counts,
+        # which the CP attention's static shapes do not take; evaluate such a checkpoint at cp 1.
+        causal = torch.tensor(float(has_causal_routing(self.model) and self.dims.cp == 1))
         dist.all_reduce(causal, op=dist.ReduceOp.MAX, group=self.dims.group("control"))
         if causal.item():
             out.update(evaluate_causal_routing(self.model, self._eval_loss))
