@@ -25,7 +25,8 @@ from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_a
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
 from megamod.parallel.context import shard_batch
 from megamod.parallel.dims import ParallelDims
-from megamod.parallel.parallelize import LossFn, build_loss_fn, parallelize_model
+from megamod.parallel.loss import LossFn, build_loss_fn
+from megamod.parallel.parallelize import parallelize_model
 from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
@@ -76,8 +77,8 @@ class Trainer:
         mark_tied_copy(model)  # pp > 1: the last stage's copy of a tied embedding stays out of the optimizer
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
-        loss_fn = build_loss_fn(cfg, dims)
-        if cfg.train.compile:
+        loss_fn = build_loss_fn(cfg, dims, model)
+        if cfg.train.compile and not cfg.train.loss_chunk_tokens:  # the chunked loss recomputes: eager
             apply_compile(model)
             loss_fn = compile_loss(loss_fn, dims.tp)
         engine = build_engine(cfg, model, dims, device)

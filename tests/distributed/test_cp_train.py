@@ -5,7 +5,8 @@ seq 32, a 2-block model, each grid twice: dense attention, and MoBA (block 4, to
 32-token sequence has 8 blocks and a query picks up to two past ones) with the last block kept
 dense (hybrid, so both CP attention kinds run):
 
-- 2 ranks: cp 2 (ZeRO-1); cp 2 at ZeRO-0 with activation checkpointing and torch.compile; and
+- 2 ranks: cp 2 (ZeRO-1); cp 2 at ZeRO-0 with activation checkpointing and torch.compile; cp 2
+  with the chunked loss (train.loss_chunk_tokens); and
   cp 2 through the real loop, saving at step 5;
 - 4 ranks: cp 4 (ZeRO-1), tp 2 × cp 2 with sequence parallelism (ZeRO-1), cp 2 × dp 2 (ZeRO-2),
   cp 2 × pp 2 (ZeRO-1); then the cp 2 checkpoint resumed at cp 4;
@@ -38,7 +39,9 @@ SP = ["--parallel.sequence_parallel", "true"]
 TWO = {"cp2": (1, 2, 1, 1, []),
        # ZeRO-0 (ClippingAdamW clips after DeepSpeed's all-reduce over dp·cp), activation
        # checkpointing (the CP forward and its collectives run again inside backward) and torch.compile
-       "cp2_z0_ac_compile": (1, 2, 1, 0, ["--train.activation_checkpointing", "true", "--train.compile", "true"])}
+       "cp2_z0_ac_compile": (1, 2, 1, 0, ["--train.activation_checkpointing", "true", "--train.compile", "true"]),
+       # the chunked loss: 32 local tokens of micro-batch 2 in chunks of 12 (the last one short)
+       "cp2_chunked_loss": (1, 2, 1, 1, ["--train.loss_chunk_tokens", "12"])}
 FOUR = {"cp4": (1, 4, 1, 1, []), "tp2_cp2_sp": (2, 2, 1, 1, SP), "cp2_dp2_z2": (1, 2, 1, 2, []),
         "cp2_pp2": (1, 2, 2, 1, [])}
 EIGHT = {"tp2_cp2_pp2_sp": (2, 2, 2, 1, SP)}
