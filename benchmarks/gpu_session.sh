@@ -15,6 +15,8 @@
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
 #   benchmarks/gpu_session.sh cp           -> cp_attention.py: CP attention's per-rank work vs one device (issue #20)
+#   LONG_RUNS=moba:262144,dense:262144 benchmarks/gpu_session.sh long
+#                                          -> long_context.py: the 1b flavour at long sequences, MoBA vs dense (issue #21)
 #   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
 #                                             and mod_speed.py z0 mb8 x 2 with the in-step routing ablation
 set -uo pipefail
@@ -77,6 +79,9 @@ for what in "$@"; do
             done ;;
         cp) python3 benchmarks/cp_attention.py --json "$OUT/cp_attention.json" 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/cp_attention.log" ;;
+        long) python3 benchmarks/long_context.py --runs "${LONG_RUNS:-moba:262144,dense:262144}" \
+            --timeout "${LONG_TIMEOUT:-300}" --json "$OUT/long_context.json" 2>&1 | grep --line-buffered -v Warning \
+            | tee "$OUT/long_context.log" ;;
         *) echo "unknown: $what" ;;
     esac
 done

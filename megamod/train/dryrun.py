@@ -47,7 +47,7 @@ activations for the micro-batches in flight under 1F1B: min(pp − stage, grad_a
 stage 0 when grad_accum >= pp.
 
 Also counted, per rank: the logits on the last stage, s·b·V/t·(2 + 4) bytes (bf16 logits and the
-loss's fp32 upcast), and under context parallelism the K/V transient of one layer: the
+loss's fp32 upcast; with train.loss_chunk_tokens N, N·V/t·(2 + 4)), and under context parallelism the K/V transient of one layer: the
 all-gathered K and V of the whole sequence, S·b·Hkv/t·D·2 each in bf16, their fp32 gradients in
 the backward, and for GQA the heads repeated after the transfer in dense layers
 (S·b·H/t·D·2 each); S = train.seq_len here. Not counted: temporary buffers, communication
@@ -156,9 +156,13 @@ def layer_activation_bytes(cfg: Config, layer_id: int) -> float:
 
 
 def logits_bytes(cfg: Config) -> float:
-    """The last stage's logits for one micro-batch: bf16 plus the loss's fp32 copy (docstring)."""
+    """The last stage's logits for one micro-batch, bf16 plus the loss's fp32 copy (docstring); with
+    the chunked loss (train.loss_chunk_tokens), one chunk's."""
     t, p = cfg.train, cfg.parallel
-    return t.seq_len // p.cp * t.micro_batch_size * cfg.model.vocab_size / p.tp * (2 + 4)
+    tokens = t.seq_len // p.cp * t.micro_batch_size
+    if t.loss_chunk_tokens:
+        tokens = min(tokens, t.loss_chunk_tokens)
+    return tokens * cfg.model.vocab_size / p.tp * (2 + 4)
 
 
 def cp_transient_bytes(cfg: Config) -> float:
@@ -277,7 +281,7 @@ def format_report(cfg: Config, world_size: int) -> str:
     lines += [f"  activations: Korthikanti et al. 2022 with fused attention, {activation_formula(cfg)} bytes per "
               f"block and micro-batch, s = seq_len/cp = {t.seq_len // p.cp}, b {t.micro_batch_size}, "
               f"h {cfg.model.d_model}, t {p.tp}; × blocks on the stage × micro-batches held under 1F1B "
-              f"(min(pp − stage, grad_accum)); logits s·b·V/t·6 on the last stage; cp K/V: one layer's "
+              f"(min(pp − stage, grad_accum)); logits s·b·V/t·6 on the last stage (one chunk's with the chunked loss); cp K/V: one layer's "
               f"all-gathered K/V of all {t.seq_len} tokens with fp32 gradients; buffers not counted"]
     if p.pp > 1 and t.grad_accum < p.pp:
         lines.append(f"  warning: train.grad_accum {t.grad_accum} < pp {p.pp} micro-batches: the 1F1B pipeline "
