@@ -1,14 +1,18 @@
-"""Multi-GPU correctness and scaling of the real trainer CLI (issue #10). One call per node:
+"""Multi-GPU correctness, scaling and long-context CP of the real trainer CLI (issues #10, #27). One call per node:
 
+    python benchmarks/multi_gpu.py --gpus 8 --plan                 # every grid, skips and memory per rank; runs nothing
     python benchmarks/multi_gpu.py --gpus 8                        # correctness + scaling, results in $OUT or --out
-    python benchmarks/multi_gpu.py --gpus 8 --plan                 # grids, skips and memory per rank; runs nothing
     python benchmarks/multi_gpu.py --gpus 8 --which scaling --scaling-flavours 1b --grids dp2-z1,dp8-z1
+    python benchmarks/multi_gpu.py --gpus 8 --which long,mod,search   # CP MoBA at 1M over cp 8 (multi_gpu_long.py)
+    python benchmarks/multi_gpu.py --gpus 4 --which tp-profile     # tp2/tp4 of 1b with NCCL kernel time per step
     python benchmarks/multi_gpu.py --tiny --device cpu --gpus 4    # CPU/gloo smoke test (tests/integration)
 
 Every run is ``python -m torch.distributed.run --standalone --nproc_per_node N -m megamod.train
 --config examples/configs/<flavour>.yaml ...`` on synthetic data (plain ``python -m megamod.train``
-for one rank); losses, grad norms and tokens/s come from the run's ``metrics.jsonl`` (log interval 1).
-The driver never imports CUDA, so the GPUs stay free for the ranks.
+for one rank; benchmarks/train_probe.py in its place where a run is profiled or skips CP's
+transfers); losses, grad norms and tokens/s come from the run's ``metrics.jsonl`` (log interval 1).
+The driver never imports CUDA, so the GPUs stay free for the ranks. NVLink multicast stays off in
+every run (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
 
 Correctness (``debug`` and ``350m``, bf16 on GPU; fp32 on CPU or with --fp32): every grid trains
 ``--steps`` (20) steps on the reference's global batch, 1 GPU × micro-batch 2 × accumulation 4 = 8
@@ -34,14 +38,33 @@ checkpoint resumes on grid AT (another TP/PP/DP shape, through DeepSpeed's unive
 megamod/train/reshard.py), and its steps steps/2+1..steps are held to the same mean/max bounds
 against the reference; the run must print "resumed from".
 
+Context parallelism (--variants): ``dense`` is the flavour as it is, on the grids above and cp2,
+cp4, cp8; ``moba`` is the flavour with MoBA (block S/16, top-3, the last layer dense: 16 blocks a
+sequence, so at cp 8 every zigzag chunk is one block and a query's two picked blocks mostly live
+on other ranks) on cp2, cp4, cp8, with its own reference, control and resume (--resume-moba,
+default at 8 GPUs cp8:cp4-dp2). The same bounds hold them (bf16: 1e-2 at step 1, 2e-2 mean, 6e-2
+max, or 3× the control's where larger): CP changes summation order at the same places TP does
+(attention is cut into pieces merged by log-sum-exp in fp32; the gathered keys' bf16 gradients
+are reduce-scattered, summed over cp ranks, as TP all-reduces bf16 partial sums), while a wrong
+chunk order, a lost piece or a double-counted loss moves step 1 by far more than 1e-2.
+
 Scaling (``1b`` and ``2b``, each flavour's YAML: micro-batch, ZeRO stage, no recompute; blocks
 compiled on GPU as in the throughput issue): tokens/s per GPU = the median over steps after the
 first steps/4 of the run's tokens_per_s (global tokens per step / step time) divided by its ranks.
 Weak scaling: the micro-batch per rank is fixed and the global batch grows with dp. dp only at
-1, 2, 4, ... GPUs under ZeRO-1, and all GPUs under ZeRO-2; tp=2 and tp=4 and pp=2 fill the node
+1, 2, 4, ... GPUs under ZeRO-1 and at 2, 4, ... under ZeRO-2 (dp 1 partitions nothing, so the
+ZeRO-1 run is both stages' reference); tp=2 and tp=4 and pp=2 fill the node
 with dp (pp runs 4·pp micro-batches a step, bubble (pp-1)/(4pp+pp-1)). Efficiency = tokens/s per
 GPU ÷ the 1-GPU ZeRO-1 run's on the same machine in the same call (or --reference's). The issue's
 target: 1b, ZeRO-1, 8 GPUs >= 0.90. Scaling runs save no checkpoint (1b: ~18 GB a run).
+
+TP's collectives (--which tp-profile, optional): the tp2 and tp4 scaling grids of --scaling-flavours
+again under torch.profiler (train_probe.py --profile-steps) over --tp-profile-steps: NCCL kernel time
+per step, the part of it when no other kernel runs (exposed), per kind, per layer (per step /
+layers); step time and tokens/s come from the unprofiled steps.
+
+Long sequences (--which long,mod,search): CP MoBA on the 1b flavour at --long-seq (1M) over
+--long-cp (8) ranks, MoD under CP, the longest sequence that trains; method in multi_gpu_long.py.
 
 Grids that do not fit --gpus or the model (heads, layers) are skipped with the reason. Results
 (table + JSON) are rewritten after every run, so a call cut off by a time limit keeps what ran.
@@ -53,69 +76,31 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from megamod.config import ConfigError, load_config, validate  # noqa: E402
+from multi_gpu_correctness import Correctness  # noqa: E402
+from multi_gpu_grids import (MICRO, ACCUM, TINY, Grid, correctness_grids, default_resume, profile_grids,  # noqa: E402
+                             scaling_grids)
+from multi_gpu_long import LongContext  # noqa: E402
+from multi_gpu_report import device_name, gpu_query, markdown, read_metrics  # noqa: E402
+from multi_gpu_scaling import Scaling  # noqa: E402
 
-FLOORS = {"bf16": (1e-2, 2e-2), "fp32": (1e-5, 1e-4)}  # (step-1 bound, mean-over-steps bound), relative
-MICRO, ACCUM = 2, 4  # correctness: global batch 8 sequences
-# --tiny: the integration tests' model (4 layers so pp=4 fits), a few seconds per run on a CPU.
-TINY = ["--model.n_layers", "4", "--model.d_model", "64", "--model.n_heads", "4", "--model.n_kv_heads", "4",
-        "--model.ffn_hidden", "128", "--model.vocab_size", "512", "--train.seq_len", "32"]
-THROUGHPUT_ISSUE = "1b, 1 H100, ZeRO-1, compiled blocks: 52,872 tokens/s (benchmarks/results/train_throughput.md)"
-
-
-@dataclass(frozen=True)
-class Grid:
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    zero: int = 0  # 0: the flavour's YAML stage
-    show_dp: bool = False  # scaling grids always name dp ("tp4-dp1"), apart from correctness's "tp4"
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    @property
-    def name(self) -> str:
-        parts = [f"{k}{v}" for k, v in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp))
-                 if v > 1 or (k == "dp" and self.show_dp)]
-        return "-".join(parts or ["dp1"]) + (f"-z{self.zero}" if self.zero else "")
-
-    @classmethod
-    def parse(cls, name: str) -> "Grid":
-        kv = dict(re.findall(r"(tp|pp|dp|z)(\d+)", name))
-        return cls(*(int(kv.get(k, 1)) for k in ("tp", "pp", "dp")), zero=int(kv.get("z", 0)))
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+PROBE = str(REPO / "benchmarks" / "train_probe.py")
 
 
-def correctness_grids(n: int) -> list[Grid]:
-    mixed = [Grid(tp=2, pp=2)] if 4 <= n < 8 else []  # the issue's tp2×pp2×dp2 where it won't fit
-    return [Grid(tp=t) for t in (2, 4, 8)] + [Grid(pp=p) for p in (2, 4)] + mixed + [Grid(tp=2, pp=2, dp=2)]
+class Bench(Correctness, Scaling):
+    """One call's runs and results; the sections live in the mixins and in LongContext."""
 
-
-def scaling_grids(n: int) -> list[Grid]:
-    dp = [Grid(dp=d, zero=1) for d in (1, 2, 4, 8, 16, 32) if d <= max(n, 8)]  # up to 8 shown, if skipped
-    extra = [Grid(dp=n, zero=2)] + [Grid(tp=t, dp=max(1, n // t), show_dp=True) for t in (2, 4)] \
-        + [Grid(pp=2, dp=max(1, n // 2), show_dp=True)]
-    return dp + [g for g in extra if g.world > 1]
-
-
-def default_resume(n: int) -> str:
-    return "tp2-pp2-dp2:tp2-dp4" if n >= 8 else "tp2-pp2:tp2-dp2" if n >= 4 else "pp2:tp2" if n >= 2 else "none"
-
-
-class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.a = args
         self.dtype = "bf16" if args.device == "cuda" and not args.fp32 else "fp32"
@@ -125,16 +110,26 @@ class Bench:
         self.res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "device": device_name(args.device), "gpus": args.gpus, "dtype": self.dtype,
                     "command": "python " + " ".join([os.path.relpath(__file__, REPO)] + sys.argv[1:]),
-                    "correctness": [], "resume": [], "scaling": [], "skipped": [], "tolerance": {}, "runs": {}}
+                    "correctness": [], "resume": [], "scaling": [], "tp_profile": [], "long": [], "mod": [],
+                    "search": [], "skipped": [], "tolerance": {}, "runs": {}}
         if self.ref:
             self.res["reference"] = f"1-GPU runs reused from {args.reference} ({self.ref['date']}, " \
                                     f"{self.ref['device']})"
         self.failed = False
         self.perturb = shlex.split(args.perturb)  # trainer flags for the runs under test, not the references
+        self.long = LongContext(self)
 
     # ---- configs and runs -------------------------------------------------------------------
     def config(self, flavour: str) -> str:
         return str(REPO / "examples" / "configs" / f"{'debug' if self.a.tiny else flavour}.yaml")
+
+    def variant_flags(self, flavour: str, variant: str) -> list[str]:
+        """The moba variant: blocks of S/16 (whole blocks per zigzag chunk up to cp 8), top 3, last layer dense."""
+        if variant == "dense":
+            return []
+        seq = 32 if self.a.tiny else load_config(self.config(flavour), []).train.seq_len
+        return ["--model.attention", "moba", "--moba.chunk_size", str(seq // 16), "--moba.topk", "3",
+                "--moba.full_attention_layers", "-1"]
 
     def batch(self, section: str, flavour: str, g: Grid) -> tuple[int, int]:
         """(micro-batch, accumulation). Correctness: 8 sequences a step on every grid. Scaling: the
@@ -149,8 +144,9 @@ class Bench:
         f = ["--config", self.config(flavour), "--data.synthetic", "true", "--train.steps", str(self.a.steps),
              "--train.log_interval", "1", "--train.eval_interval", "0", "--train.eval_steps", "1",
              "--train.progress", "off", "--logging.tensorboard", "false", "--checkpoint.interval", "0",
-             "--train.device", self.a.device, "--parallel.tp", str(g.tp), "--parallel.pp", str(g.pp),
-             "--parallel.dp", str(g.dp), "--train.micro_batch_size", str(micro), "--train.grad_accum", str(accum)]
+             "--train.device", self.a.device, "--parallel.tp", str(g.tp), "--parallel.cp", str(g.cp),
+             "--parallel.pp", str(g.pp), "--parallel.dp", str(g.dp), "--train.micro_batch_size", str(micro),
+             "--train.grad_accum", str(accum)]
         f += ["--optim.zero_stage", str(g.zero)] if g.zero else []
         if section == "correctness":
             f += ["--optim.warmup_steps", str(max(1, self.a.steps // 4))]  # reach the peak LR inside the window
@@ -181,13 +177,15 @@ class Bench:
     def wanted(self, g: Grid, always: bool = False) -> bool:
         return always or self.grid_filter is None or g.name in self.grid_filter
 
-    def launch(self, key: str, flags: list[str], world: int, run_dir: Path | None = None) -> dict:
-        """Run the trainer CLI and parse its metrics. ``run_dir``: prepared by the caller (a checkpoint
-        to resume); otherwise a fresh one, since the trainer would resume from, and append to,
-        whatever an earlier call left there. With --reference, a 1-GPU run is taken from there."""
-        if self.ref and key.endswith(("/1gpu", "/1gpu-mb8", "/dp1-z1")) and key in self.ref["runs"]:
+    def launch(self, key: str, flags: list[str], world: int, run_dir: Path | None = None,
+               probe: list[str] | None = None) -> dict:
+        """Run the trainer CLI (through train_probe.py with ``probe``'s switches) and parse its
+        metrics. ``run_dir``: prepared by the caller (a checkpoint to resume); otherwise a fresh one,
+        since the trainer would resume from, and append to, whatever an earlier call left there.
+        With --reference, a 1-GPU run is taken from there."""
+        if self.ref and world == 1 and key in self.ref["runs"]:
             print(f"[reuse] {key} from {self.a.reference}", flush=True)
-            run = {k: ({int(s): v for s, v in d.items()} if isinstance(d, dict) else d)
+            run = {k: ({int(s): v for s, v in d.items()} if isinstance(d, dict) and k != "last" else d)
                    for k, d in self.ref["runs"][key].items()}  # JSON made the step keys strings
             self.res["runs"][key] = run
             return run
@@ -196,127 +194,38 @@ class Bench:
             shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}"] if world > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "megamod.train", *flags, "--train.run_dir", str(run_dir)]
+        if probe is not None and "--profile-steps" in probe:
+            probe = probe + ["--profile-out", str(run_dir / "profile")]
+        entry = ["-m", "megamod.train"] if probe is None else [PROBE, *probe, "--"]
+        cmd = [sys.executable, *launcher, *entry, *flags, "--train.run_dir", str(run_dir)]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                                "MASTER_PORT") and not k.startswith(("SLURM_", "OMPI_"))}
         env.update(PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p]),
-                   DS_ACCELERATOR=self.a.device, PYTHONUNBUFFERED="1")
+                   DS_ACCELERATOR=self.a.device, PYTHONUNBUFFERED="1", **NO_MULTICAST)
         if self.a.device == "cpu":
             env["OMP_NUM_THREADS"] = "1"  # N ranks on a few cores: no thread oversubscription
         print(f"[run] {key} ({world} rank{'s' * (world > 1)})", flush=True)
         t0, log = time.time(), run_dir / "log.txt"
         with open(log, "w") as f:
+            # its own process group: at the time limit torchrun's ranks go too, not only torchrun,
+            # so no rank is left holding a GPU for the next run
+            proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    timeout=self.a.run_timeout).returncode
+                rc = proc.wait(timeout=self.a.run_timeout)
             except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 rc = "timeout"
         text = log.read_text(errors="replace")
         run = {"rc": rc, "wall_s": round(time.time() - t0, 1), "log": str(log), "resumed": "resumed from" in text,
                **read_metrics(run_dir / "metrics.jsonl")}
+        profiles = sorted((run_dir / "profile").glob("rank*.json"))
+        if profiles:
+            run["profile"] = [json.loads(p.read_text()) for p in profiles]
         if rc != 0:
             print(f"[fail] {key}: exit {rc}; the end of {log}:\n" + "\n".join(text.splitlines()[-25:]), flush=True)
         self.res["runs"][key] = run
         return run
-
-    # ---- correctness --------------------------------------------------------------------------
-    def correctness(self, flavour: str) -> None:
-        S, one = self.a.steps, Grid()
-        k = S // 2
-        ref = self.launch(f"correctness/{flavour}/1gpu", self.flags("correctness", flavour, one), 1)
-        ctl = self.launch(f"correctness/{flavour}/1gpu-mb8",
-                          self.flags("correctness", flavour, one, micro_accum=(MICRO * ACCUM, 1)), 1)
-        if ref["rc"] != 0 or ctl["rc"] != 0 or len(ref["loss"]) < S or len(ctl["loss"]) < S:
-            self.failed = True
-            self.res["correctness"].append({"flavour": flavour, "grid": "1gpu", "pass": False,
-                                            "note": "the reference or control run failed"})
-            return self.write()
-        c = compare(ref, ctl, range(1, S + 1))
-        f1, fm = FLOORS[self.dtype]
-        tol = {"step1": max(f1, 3 * c["step1_loss"], 3 * c["step1_grad_norm"]), "mean": max(fm, 3 * c["mean"]),
-               "max": max(3 * fm, 3 * c["max"])}
-        self.res["tolerance"][flavour] = tol
-        self.res["correctness"].append({"flavour": flavour, "grid": "1gpu-mb8 (control)", "ranks": 1,
-                                        "batch": f"{MICRO * ACCUM}×1", **c, "pass": None})
-        save_name, _, at_name = self.a.resume.partition(":")
-        for g in correctness_grids(self.a.gpus):
-            is_save = g.name == save_name  # its run also checkpoints at step k for the resume check
-            if not self.wanted(g, always=is_save):
-                continue
-            flags = self.flags("correctness", flavour, g, self.perturb + (["--checkpoint.interval", str(k)] * is_save))
-            if not self.runnable("correctness", flavour, g, flags):
-                continue
-            run = self.launch(f"correctness/{flavour}/{g.name}", flags, g.world)
-            self.record("correctness", flavour, g, ref, run, range(1, S + 1), tol)
-        if self.a.resume != "none":
-            self.resume(flavour, Grid.parse(save_name), Grid.parse(at_name), ref, tol, k)
-        self.write()
-
-    def resume(self, flavour: str, save: Grid, at: Grid, ref: dict, tol: dict, k: int) -> None:
-        src = self.work / f"correctness/{flavour}/{save.name}/checkpoints/step_{k:08d}"
-        flags = self.flags("correctness", flavour, at, self.perturb)
-        missing = None if (src / "megamod_complete.json").exists() else f"no checkpoint {src} (did {save.name} run?)"
-        if not self.runnable("resume", flavour, at, flags, reason=missing):
-            return
-        key = f"resume/{flavour}/{save.name}_to_{at.name}"
-        shutil.rmtree(self.work / key, ignore_errors=True)
-        shutil.copytree(src, self.work / key / "checkpoints" / src.name)  # a run dir holding step k alone
-        run = self.launch(key, flags, at.world, run_dir=self.work / key)
-        row = self.record("resume", flavour, at, ref, run, range(k + 1, self.a.steps + 1), tol,
-                          saved_at=save.name, step=k)
-        if not run["resumed"]:
-            row.update({"pass": False, "note": "the run did not resume from the checkpoint"})
-            self.failed = True
-
-    def record(self, section: str, flavour: str, g: Grid, ref: dict, run: dict, steps: range, tol: dict,
-               **extra) -> dict:
-        micro, accum = self.batch(section if section != "resume" else "correctness", flavour, g)
-        row = {"flavour": flavour, "grid": g.name, "ranks": g.world, "batch": f"{micro}×{accum}",
-               "wall_s": run["wall_s"], **extra}
-        if run["rc"] != 0 or any(s not in run["loss"] for s in steps):
-            row.update({"pass": False, "note": f"run failed (exit {run['rc']}), see {run['log']}"})
-        else:
-            c = compare(ref, run, steps)
-            ok = c["mean"] <= tol["mean"] and c["max"] <= tol["max"]
-            if steps.start == 1:  # step-1 checks only for runs that start from the init
-                ok = ok and c["step1_loss"] <= tol["step1"] and c["step1_grad_norm"] <= tol["step1"]
-            row.update(c, **{"pass": ok})
-        self.failed |= not row["pass"]
-        print(f"[{'pass' if row['pass'] else 'FAIL'}] {section} {flavour} {g.name}: "
-              + " ".join(f"{k} {v:.2e}" for k, v in row.items() if isinstance(v, float) and k != "wall_s"), flush=True)
-        self.res[section].append(row)
-        self.write()
-        return row
-
-    # ---- scaling ------------------------------------------------------------------------------
-    def scaling(self, flavour: str) -> None:
-        S, warm = self.a.steps, max(1, self.a.steps // 4)
-        zero = load_config(self.config(flavour), []).optim.zero_stage
-        baseline = None
-        for g in scaling_grids(self.a.gpus):
-            if not self.wanted(g, always=g.world == 1):
-                continue
-            flags = self.flags("scaling", flavour, g)
-            if not self.runnable("scaling", flavour, g, flags):
-                continue
-            run = self.launch(f"scaling/{flavour}/{g.name}", flags, g.world)
-            micro, accum = self.batch("scaling", flavour, g)
-            tps = [v for s, v in sorted(run["tokens_per_s"].items()) if s > warm]
-            mfu = [v for s, v in sorted(run["mfu"].items()) if s > warm]
-            row = {"flavour": flavour, "grid": g.name, "zero": g.zero or zero, "ranks": g.world,
-                   "batch": f"{micro}×{accum}", "seqs_per_gpu_step": micro * accum * g.dp / g.world,
-                   "ok": run["rc"] == 0 and len(run["tokens_per_s"]) == S, "wall_s": run["wall_s"]}
-            if row["ok"]:
-                row.update(tokens_per_s_per_gpu=statistics.median(tps) / g.world,
-                           mfu=statistics.median(mfu) if mfu else None, peak_gib=run["peak_gib"])
-                if g.world == 1 and g.zero == 1:
-                    baseline = row["tokens_per_s_per_gpu"]
-                if baseline:
-                    row["efficiency"] = row["tokens_per_s_per_gpu"] / baseline
-            print(f"[scaling] {flavour} {g.name}: " + json.dumps({k: v for k, v in row.items() if k != "flavour"}),
-                  flush=True)
-            self.res["scaling"].append(row)
-            self.write()
 
     # ---- plan and output --------------------------------------------------------------------
     def plan(self) -> None:
@@ -324,22 +233,32 @@ class Bench:
 
         print(f"plan for {self.a.gpus} GPUs, device {self.a.device} ({self.dtype}), {self.a.steps} steps per run; "
               f"memory: megamod-train --dry-run's bound per rank (activations without flash attention's savings)")
-        for section, grids in (("correctness", correctness_grids), ("scaling", scaling_grids)):
-            for flavour in getattr(self.a, f"{section}_flavours").split(",") if section in self.a.which else []:
-                print(f"\n{section} {flavour}:\n  {'grid':<14} ranks  micro×accum  GiB/rank  status")
-                for g in ([Grid()] if section == "correctness" else []) + grids(self.a.gpus):
-                    if not self.wanted(g, always=g.world == 1):
-                        continue
-                    flags = self.flags(section, flavour, g)
-                    reason, mem = self.why_skip(g, flags), "-"
-                    if reason is None or reason.startswith("needs"):
-                        mem = f"{memory_per_rank(load_config(flags[1], flags[2:]), g.world)['total'] / GIB:.2f}"
-                    micro, accum = self.batch(section, flavour, g)
-                    name = g.name if g.world > 1 or section == "scaling" else "1gpu"
-                    print(f"  {name:<14} {g.world:>5}  {f'{micro}×{accum}':<11}  {mem:>8}  "
-                          f"{'run' if reason is None else 'skip: ' + reason}")
-        if "correctness" in self.a.which:
-            print(f"\nresume across grids (SAVE:AT): {self.a.resume}, from the checkpoint at step {self.a.steps // 2}")
+        sections = [("correctness", v, f) for f in self.a.correctness_flavours for v in self.a.variants] \
+            + [("scaling", "dense", f) for f in self.a.scaling_flavours] \
+            + [("tp-profile", "dense", f) for f in self.a.scaling_flavours]
+        grids = {"correctness": correctness_grids, "scaling": scaling_grids, "tp-profile": profile_grids}
+        for section, variant, flavour in sections:
+            if section not in self.a.which:
+                continue
+            label = flavour if variant == "dense" else f"{flavour}+{variant}"
+            print(f"\n{section} {label}:\n  {'grid':<14} ranks  micro×accum  GiB/rank  status")
+            for g in ([Grid()] if section == "correctness" else []) + grids[section](self.a.gpus, *(
+                    [variant] if section == "correctness" else [])):
+                if not self.wanted(g, always=g.world == 1):
+                    continue
+                flags = self.flags("scaling" if section == "tp-profile" else section, flavour, g,
+                                   self.variant_flags(flavour, variant) if section == "correctness" else [])
+                reason, mem = self.why_skip(g, flags), "-"
+                if reason is None or reason.startswith("needs"):
+                    mem = f"{memory_per_rank(load_config(flags[1], flags[2:]), g.world)['total'] / GIB:.2f}"
+                micro, accum = self.batch("scaling" if section == "tp-profile" else section, flavour, g)
+                name = g.name if g.world > 1 or section != "correctness" else "1gpu"
+                print(f"  {name:<14} {g.world:>5}  {f'{micro}×{accum}':<11}  {mem:>8}  "
+                      f"{'run' if reason is None else 'skip: ' + reason}")
+            if section == "correctness":
+                print(f"  resume across grids (SAVE:AT): {self.a.resume if variant == 'dense' else self.a.resume_moba}"
+                      f", from the checkpoint at step {self.a.steps // 2}")
+        self.long.plan(self.a.which)
 
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -347,107 +266,39 @@ class Bench:
         (self.out / "multi_gpu.md").write_text(markdown(self.res))
 
 
-def read_metrics(path: Path) -> dict:
-    out = {"loss": {}, "grad_norm": {}, "tokens_per_s": {}, "mfu": {}}
-    peak = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["kind"] == "train":
-                for k in out:
-                    if k in rec:
-                        out[k][rec["step"]] = rec[k]
-                peak.append(rec.get("peak_mem_gib", rec.get("peak_rss_gib", 0.0)))
-    return {**out, "peak_gib": max(peak, default=None)}
-
-
-def compare(ref: dict, run: dict, steps: range) -> dict:
-    """Relative loss differences over ``steps``; from step 1 also step 1's loss and grad norm."""
-    def rel(key: str, s: int) -> float:
-        return abs(run[key][s] - ref[key][s]) / max(abs(ref[key][s]), 1e-12)
-
-    d = [rel("loss", s) for s in steps]
-    out = {"mean": sum(d) / len(d), "max": max(d)}
-    return {**out, "step1_loss": d[0], "step1_grad_norm": rel("grad_norm", 1)} if steps.start == 1 else out
-
-
-def gpu_names() -> list[str]:
-    """From nvidia-smi, so that the driver itself never creates a CUDA context."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [n.strip() for n in out.splitlines() if n.strip()]
-
-
-def device_name(device: str) -> str:
-    names = gpu_names() if device == "cuda" else []
-    if device == "cpu":
-        return f"CPU ranks over gloo, {os.cpu_count()} cores"
-    return f"{len(names)} × {names[0]}" if names else "cuda (nvidia-smi lists no GPU)"
-
-
-def markdown(r: dict) -> str:
-    def f(v, fmt=".2e"):
-        return "–" if v is None else format(v, fmt) if isinstance(v, float) else str(v)
-
-    verdict = {True: "pass", False: "**FAIL**", None: "(control)"}
-    lines = ["# Multi-GPU correctness and scaling (benchmarks/multi_gpu.py)", "",
-             f"- date: {r['date']}", f"- device: {r['device']} (--gpus {r['gpus']}), {r['dtype']}",
-             f"- command: `{r['command']}`"] + ([f"- {r['reference']}"] if r.get("reference") else []) + [""]
-    if r["correctness"] or r["resume"]:
-        lines += ["## Correctness: relative loss difference to the 1-GPU reference (micro 2 × accum 4)", "",
-                  "Tolerance per flavour (3× the control's difference, floors in the script's docstring): "
-                  + "; ".join(f"{fl}: step 1 {t['step1']:.1e}, mean {t['mean']:.1e}, max {t['max']:.1e}"
-                              for fl, t in r["tolerance"].items()), "",
-                  "| flavour | grid | ranks | micro×accum | step-1 loss | step-1 grad norm | mean | max | result |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for x in r["correctness"]:
-            lines.append(f"| {x['flavour']} | {x['grid']} | {x.get('ranks', 1)} | {x.get('batch', '')} | "
-                         f"{f(x.get('step1_loss'))} | {f(x.get('step1_grad_norm'))} | {f(x.get('mean'))} | "
-                         f"{f(x.get('max'))} | {verdict[x['pass']]} {x.get('note', '')} |")
-        for x in r["resume"]:
-            lines.append(f"| {x['flavour']} | resume {x.get('saved_at')} → {x['grid']} at step {x.get('step')} | "
-                         f"{x['ranks']} | {x['batch']} | – | – | {f(x.get('mean'))} | {f(x.get('max'))} | "
-                         f"{verdict[x['pass']]} {x.get('note', '')} |")
-        lines.append("")
-    if r["scaling"]:
-        lines += ["## Scaling: tokens/s per GPU (median after warm-up), weak-scaling efficiency vs 1 GPU ZeRO-1",
-                  "", f"For reference, the throughput issue's 1-GPU number: {THROUGHPUT_ISSUE}.", "",
-                  "| flavour | grid | ZeRO | ranks | micro×accum | seqs/GPU/step | tokens/s/GPU | MFU | peak GiB | "
-                  "efficiency |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for x in r["scaling"]:
-            lines.append(f"| {x['flavour']} | {x['grid']} | {x['zero']} | {x['ranks']} | {x['batch']} | "
-                         f"{x['seqs_per_gpu_step']:g} | {f(x.get('tokens_per_s_per_gpu'), ',.0f')} | "
-                         f"{f(x.get('mfu'), '.1%')} | {f(x.get('peak_gib'), '.1f')} | "
-                         f"{f(x.get('efficiency'), '.1%') if x['ok'] else '**run failed**'} |")
-        goal = [x for x in r["scaling"] if x["flavour"] == "1b" and x["grid"] == "dp8-z1" and x.get("efficiency")]
-        lines += ["", "Target (1b, ZeRO-1, 8 GPUs ≥ 90%): " + (f"{goal[0]['efficiency']:.1%}, "
-                  f"{'met' if goal[0]['efficiency'] >= 0.9 else 'NOT met'}" if goal else "not measured"), ""]
-    if r["skipped"]:
-        lines += ["## Skipped", ""] + [f"- {x['section']} {x['flavour']} {x['grid']}: {x['reason']}"
-                                       for x in r["skipped"]] + [""]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    gpus = gpu_names()
+    gpus = gpu_query("name")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\nEvery")[0], epilog="Method, tolerances and "
                                  "grids: the module docstring.", formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpus", type=int, default=None, help="ranks on this node (default: GPUs seen, else 4)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if gpus else "cpu")
-    ap.add_argument("--which", default="correctness,scaling", help="comma list: correctness, scaling")
+    ap.add_argument("--which", default="correctness,scaling",
+                    help="comma list: correctness, scaling, tp-profile, long, mod, search")
     ap.add_argument("--correctness-flavours", default=None, help="default debug,350m (--tiny: tiny)")
-    ap.add_argument("--scaling-flavours", default=None, help="default 1b,2b (--tiny: tiny)")
+    ap.add_argument("--variants", default="dense,moba", help="correctness variants: dense, moba (docstring)")
+    ap.add_argument("--scaling-flavours", default=None, help="default 1b,2b (--tiny: tiny); tp-profile's too")
     ap.add_argument("--grids", default="", help="only these grids (names as printed by --plan); 1-GPU "
                     "references always run")
-    ap.add_argument("--resume", default=None, help="SAVE:AT grids for the cross-grid resume, or none "
+    ap.add_argument("--resume", default=None, help="SAVE:AT grids for the dense cross-grid resume, or none "
                     "(default by --gpus: tp2-pp2-dp2:tp2-dp4 at 8)")
+    ap.add_argument("--resume-moba", default=None, help="the same for the moba variant (default at 8: cp8:cp4-dp2)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run (default 20; --tiny 8)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (CPU tests); flavour names become labels")
     ap.add_argument("--fp32", action="store_true", help="correctness runs in fp32 on GPU too (see the docstring)")
     ap.add_argument("--no-compile", action="store_true", help="scaling runs without torch.compile")
+    ap.add_argument("--tp-profile-steps", default=None, help="A:B, the steps tp-profile profiles (default: the "
+                    "last quarter of --steps)")
+    ap.add_argument("--long-seq", type=int, default=None, help="long/mod: S (default 1048576; --tiny 256)")
+    ap.add_argument("--long-cp", type=int, default=8, help="long/mod/search: CP ranks (default 8)")
+    ap.add_argument("--long-variants", default="hybrid,moba", help="long: hybrid (the recipe), moba (every layer "
+                    "MoBA); the first also runs with CP's transfers skipped")
+    ap.add_argument("--long-steps", type=int, default=None, help="steps per long/mod run (default 4; --tiny 3)")
+    ap.add_argument("--long-profile", action="store_true", help="profile the last step of each cp long run too")
+    ap.add_argument("--search-lengths", default=None, help="search: S values (default 1M,2M,2.5M,3M,4M; --tiny "
+                    "256,512,1024)")
+    ap.add_argument("--search-steps", type=int, default=2, help="steps per search run (the first warms up)")
+    ap.add_argument("--mem-limit-gib", type=float, default=None, help="search: the dry-run bound a length may "
+                    "have (default 95%% of the GPU's memory)")
     ap.add_argument("--reference", default="", help="a previous multi_gpu.json whose runs of the same name "
                     "(the 1-GPU references) are reused instead of rerun")
     ap.add_argument("--perturb", default="", help="trainer flags added to the correctness runs under test but not "
@@ -459,18 +310,33 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.gpus = a.gpus or (len(gpus) if a.device == "cuda" and gpus else 4)
     a.steps = a.steps or (8 if a.tiny else 20)
-    a.correctness_flavours = a.correctness_flavours or ("tiny" if a.tiny else "debug,350m")
-    a.scaling_flavours = a.scaling_flavours or ("tiny" if a.tiny else "1b,2b")
+    a.correctness_flavours = (a.correctness_flavours or ("tiny" if a.tiny else "debug,350m")).split(",")
+    a.scaling_flavours = (a.scaling_flavours or ("tiny" if a.tiny else "1b,2b")).split(",")
+    a.variants, a.long_variants = a.variants.split(","), a.long_variants.split(",")
     a.resume = a.resume or default_resume(a.gpus)
+    a.resume_moba = a.resume_moba or default_resume(a.gpus, "moba")
+    a.tp_profile_steps = a.tp_profile_steps or f"{a.steps - max(1, a.steps // 4) + 1}:{a.steps}"
+    a.long_seq = a.long_seq or (256 if a.tiny else 1 << 20)
+    a.long_steps = a.long_steps or (3 if a.tiny else 4)
+    a.search_lengths = [int(s) for s in (a.search_lengths or ("256,512,1024" if a.tiny else
+                                                              "1048576,2097152,2621440,3145728,4194304")).split(",")]
     a.which = a.which.split(",")
+    unknown = set(a.which) - {"correctness", "scaling", "tp-profile", "long", "mod", "search"}
+    if unknown:
+        ap.error(f"--which {','.join(sorted(unknown))}: choose from correctness, scaling, tp-profile, long, mod, search")
     bench = Bench(a)
     if a.plan:
         bench.plan()
         return 0
-    for flavour in a.correctness_flavours.split(",") if "correctness" in a.which else []:
-        bench.correctness(flavour)
-    for flavour in a.scaling_flavours.split(",") if "scaling" in a.which else []:
-        bench.scaling(flavour)
+    for flavour in a.correctness_flavours if "correctness" in a.which else []:
+        for variant in a.variants:
+            bench.correctness(flavour, variant)
+    for section, run in (("scaling", bench.scaling), ("tp-profile", bench.tp_profile)):
+        for flavour in a.scaling_flavours if section in a.which else []:
+            run(flavour)
+    for section in ("long", "mod", "search"):
+        if section in a.which:
+            getattr(bench.long, section)()
     bench.write()
     print(f"\nresults: {bench.out / 'multi_gpu.md'}\n\n{markdown(bench.res)}")
     return 1 if bench.failed else 0
