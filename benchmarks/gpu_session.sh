@@ -15,6 +15,9 @@
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
 #   benchmarks/gpu_session.sh cp           -> cp_attention.py: CP attention's per-rank work vs one device (issue #20)
+#   MGPU_NAME=long MGPU_ARGS='--which long --run-timeout 300' benchmarks/gpu_session.sh mgpu
+#                                          -> multi_gpu.py with those flags on every GPU of the machine, results in
+#                                             $OUT/$MGPU_NAME/multi_gpu.{md,json}, log $OUT/$MGPU_NAME.log (#10, #27)
 #   LONG_RUNS=moba:262144,dense:262144 benchmarks/gpu_session.sh long
 #                                          -> long_context.py: the 1b flavour at long sequences, MoBA vs dense (issue #21)
 #   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
@@ -82,6 +85,8 @@ for what in "$@"; do
         long) python3 benchmarks/long_context.py --runs "${LONG_RUNS:-moba:262144,dense:262144}" \
             --timeout "${LONG_TIMEOUT:-300}" --json "$OUT/long_context.json" 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/long_context.log" ;;
+        mgpu) python3 benchmarks/multi_gpu.py ${MGPU_ARGS:-} --out "$OUT/${MGPU_NAME:-mgpu}" 2>&1 \
+            | grep --line-buffered -v Warning | tee "$OUT/${MGPU_NAME:-mgpu}.log" ;;
         *) echo "unknown: $what" ;;
     esac
 done
