@@ -83,3 +83,37 @@ def test_topk_routing_refuses_the_cache():
     model, _ = _model("--mod.enabled", "true")
     with pytest.raises(RuntimeError, match="causal routing"):
         model(torch.randint(0, 256, (1, 4)), positions=torch.arange(4), cache=KVCache(1, 8))
+
+
+@pytest.mark.parametrize("kind", ["dense", "mod", "moba", "mod_moba"])
+@torch.no_grad()
+def test_batched_ragged_prompts_decode_as_each_prompt_alone(kind):
+    """Three prompts of 5, 11 and 8 tokens, right-padded into one prefill (padding writes no cache
+    entry) and decoded together, give each prompt's greedy tokens decoded alone; MoD routes
+    every row causally (ragged caches per row), MoBA (blocks of 4) gates per row."""
+    from megamod.infer.generate import generate
+
+    extra = {"dense": [], "mod": ["--mod.enabled", "true", "--mod.capacity", "0.5"],
+             "moba": ["--model.attention", "moba", "--moba.chunk_size", "4", "--moba.topk", "2"]}
+    extra["mod_moba"] = extra["mod"] + extra["moba"]
+    model, _ = _model(*extra[kind])
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (5, 11, 8)]
+    got = generate(model, prompts, max_new_tokens=10, temperature=0)
+    assert got.tokens == [sample(model, p, 10, temperature=0) for p in prompts]
+    assert got.steps == 9 and got.prompt_tokens == 24 and got.ttft_s > 0 and got.decode_tokens_per_s > 0
+
+
+def test_top_k_and_top_p_cut_the_distribution():
+    from megamod.infer.generate import pick
+
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]]).expand(4000, 4)  # probs 0.64, 0.24, 0.09, 0.03
+    gen = torch.Generator().manual_seed(0)
+    assert torch.equal(pick(logits, 0.0), torch.zeros(4000, 1, dtype=torch.long))  # greedy
+    counts = lambda ids: torch.bincount(ids.flatten(), minlength=4).tolist()  # noqa: E731
+    # top_p 0.7: 0.64 alone falls short, 0.64 + 0.24 reaches it, so ids 0 and 1 stay
+    top_p = counts(pick(logits, 1.0, top_p=0.7, generator=gen))
+    assert top_p[2:] == [0, 0] and min(top_p[:2]) > 0
+    assert abs(top_p[0] / 4000 - 0.64 / 0.88) < 0.03  # renormalised over what stays
+    top_k = counts(pick(logits, 1.0, top_k=3, generator=gen))
+    assert top_k[3] == 0 and min(top_k[:3]) > 0
+    assert counts(pick(logits, 1.0, top_p=0.5, generator=gen)) == [4000, 0, 0, 0]  # the top id always stays
