@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,6 +155,9 @@ class CheckpointConfig:
     keep_last: int = _f(3, "complete checkpoints to keep")
     resume: bool = _f(True, "resume from the newest complete checkpoint in the run directory")
     save_at_end: bool = _f(True, "save when training ends (false: benchmarks whose weights are thrown away)")
+    load: str = _f("", "initial weights from this checkpoint (a run directory, its checkpoints/ or a step_* "
+                       "directory; any grid, or tools/convert_from_hf.py's output) with a fresh optimizer and step 0; "
+                       "ignored once this run has its own checkpoint to resume")
 
 
 @dataclass
@@ -400,6 +404,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"--train.bf16_mode master_fused runs on one rank at --optim.zero_stage 0 (this run: "
                           f"{world_size} ranks, ZeRO-{cfg.optim.zero_stage}); use --train.bf16_mode master_weights "
                           f"(ZeRO >= 1) or autocast, or leave it at auto")
+    if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
+        raise ConfigError(f"--checkpoint.load {cfg.checkpoint.load}: no such directory (give a run directory, its "
+                          f"checkpoints/ or a step_* directory)")
     for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"--train.{name} must be >= 1")
