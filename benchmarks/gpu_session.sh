@@ -16,6 +16,8 @@
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
 #   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
 #                                             and mod_speed.py z0 mb8 x 2 with the in-step routing ablation
+#   benchmarks/gpu_session.sh generate     -> generate_speed.py: decode tokens/s MoD vs dense 1b (batch 1, 16; prompt 2K,
+#                                             256 new), MoBA vs dense at a 128K prompt (prefill, per-token decode)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -74,6 +76,8 @@ for what in "$@"; do
                     > "$OUT/ncu_${k%%:*}.txt" 2>&1
                 grep -v "^==PROF==" "$OUT/ncu_${k%%:*}.txt" | grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Registers|Occupancy|Shared Memory|Block Limit|Pipe|L2|L1|DRAM" | head -60
             done ;;
+        generate) python3 benchmarks/generate_speed.py --json "$OUT/generate_speed.json" --md "$OUT/generate_speed.md" \
+            2>&1 | grep --line-buffered -v Warning | tee "$OUT/generate_speed.log" ;;
         *) echo "unknown: $what" ;;
     esac
 done

@@ -117,3 +117,29 @@ def test_top_k_and_top_p_cut_the_distribution():
     top_k = counts(pick(logits, 1.0, top_k=3, generator=gen))
     assert top_k[3] == 0 and min(top_k[:3]) > 0
     assert counts(pick(logits, 1.0, top_p=0.5, generator=gen)) == [4000, 0, 0, 0]  # the top id always stays
+
+
+def test_generate_cli_batches_prompts_and_reports_speed(tmp_path, capsys):
+    """megamod-generate on a checkpoint: one JSON line per prompt (a batch of two), greedy (so the
+    completion is what ``sample`` gives), then the time to first token and the decode rate."""
+    import json
+
+    from megamod.data.spm_train import SpmOptions, train_sentencepiece
+    from megamod.data.tokenizer import Tokenizer
+    from megamod.infer.generate import main
+    from megamod.train.checkpoint import save_weights
+
+    text = [f"def f{i}(x):\n    return x * {i}\n" for i in range(30)]
+    spm = train_sentencepiece(text, str(tmp_path / "tok"), SpmOptions(vocab_size=300, num_threads=1))
+    model, cfg = _model("--data.tokenizer_model", spm, "--model.vocab_size", "320")
+    save_weights(str(tmp_path / "run" / "checkpoints"), model.state_dict(), cfg.to_dict())
+    assert main(["--run-dir", str(tmp_path / "run"), "--prompt", "def f", "--prompt", "return x *",
+                 "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.splitlines() if line.startswith("{")]
+    tok = Tokenizer(spm)
+    assert [r["prompt"] for r in rows] == ["def f", "return x *"]
+    for r in rows:
+        want = sample(model, tok.encode(r["prompt"]), 6, temperature=0, eod_id=tok.eod_id)
+        assert r["completion"] == tok.decode(want)
+    assert "batch 2" in out.err and "time to first token" in out.err and "tokens/s" in out.err
