@@ -95,19 +95,17 @@ def calibrate(model: GPT, prompts: torch.Tensor, capacity: float) -> None:
     for name, block in routed_blocks(model).items():
         c = torch.quantile(logits[name][:100_000], 1.0 - capacity).item()
         block._causal_logit = lambda scores, c=c: scores[..., 1] - c
-        block.pop_stats("eval")
+        block.pop_stats("eval")  # the calibration forward's statistics
 
 
 def run(model: GPT, prompts: torch.Tensor, new: int, warm_prompts: torch.Tensor | None = None) -> dict:
-    blocks = routed_blocks(model)
     generate(model, (warm_prompts if warm_prompts is not None else prompts).tolist(), min(new, 8))
-    for b in blocks.values():
-        b.pop_stats("causal")
     g = generate(model, prompts.tolist(), new)
     row = {"batch": prompts.shape[0], "prompt": prompts.shape[1], "new": new, "ttft_ms": g.ttft_s * 1e3,
            "decode_tokens_per_s": g.decode_tokens_per_s, "ms_per_step": g.decode_s * 1e3 / g.steps}
-    if blocks:
-        row["fraction_routed"] = sum(b.pop_stats("causal")["fraction_processed"] for b in blocks.values()) / len(blocks)
+    routed = [int(name.split(".")[-1]) for name in routed_blocks(model)]  # "layers.3" -> 3
+    if routed:  # cache entries of the routed layers over the tokens every dense layer stored
+        row["fraction_routed"] = (sum(sum(g.kv_entries[i]) for i in routed) / len(routed)) / sum(g.kv_entries[0])
     return row
 
 
@@ -167,8 +165,9 @@ def markdown(out: dict) -> str:
              f"random weights; `{out['command']}`", "",
              "| case | batch | prompt | new | TTFT ms | decode tokens/s | ms a step | routed |", "|---|---|---|---|---|---|---|---|"]
     for k, r in out["rows"].items():
+        routed = f"{r['fraction_routed']:.3f}" if "fraction_routed" in r else ""
         lines.append(f"| {k} | {r['batch']} | {r['prompt']} | {r['new']} | {r['ttft_ms']:.1f} | "
-                     f"{r['decode_tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | {r.get('fraction_routed', '')} |")
+                     f"{r['decode_tokens_per_s']:.1f} | {r['ms_per_step']:.2f} | {routed} |")
     lines += ["", *[f"- {k}: **{v:.2f}x**" for k, v in out["ratios"].items()], ""]
     return "\n".join(lines)
 

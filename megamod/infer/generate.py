@@ -34,6 +34,7 @@ class Generation:
     ttft_s: float  # prefill + picking the first token
     decode_s: float  # the decode steps after it
     steps: int  # decode forwards (each gives every row one token)
+    kv_entries: dict[int, list[int]]  # cache entries per layer and row (a MoD routed layer holds fewer)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -114,7 +115,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     rows = torch.cat(out, 1).tolist()
     if eod_id is not None:
         rows = [r[:r.index(eod_id) + 1] if eod_id in r else r for r in rows]
-    return Generation(rows, int(lens.sum()), first - start, end - first, steps)
+    return Generation(rows, int(lens.sum()), first - start, end - first, steps, cache.lengths())
 
 
 def sample(model: GPT, prompt: list[int], max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,

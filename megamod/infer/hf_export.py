@@ -176,7 +176,7 @@ def verify_logits(sd: dict[str, torch.Tensor], cfg: Config, out_dir: str, dtype:
     ours = build_model(cfg)
     ours.load_state_dict({k: v.to(dtype).float() for k, v in sd.items()}, strict=True)
     ours.eval()
-    theirs = LlamaForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    theirs = LlamaForCausalLM.from_pretrained(out_dir).float().eval()
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (2, min(64, cfg.model.max_seq_len)), generator=gen)
     with torch.no_grad():

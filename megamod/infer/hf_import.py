@@ -52,8 +52,14 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
 
 
 def read_hf_weights(hf_dir: str) -> dict[str, torch.Tensor]:
-    """Every tensor of the directory's safetensors files (or, failing those, pytorch_model*.bin)."""
-    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    """The model's tensors: the files its safetensors index names, or model.safetensors, or
+    (older directories) pytorch_model*.bin."""
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = [os.path.join(hf_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        files = [p for p in [os.path.join(hf_dir, "model.safetensors")] if os.path.isfile(p)]
     out: dict[str, torch.Tensor] = {}
     if files:
         from safetensors.torch import load_file
@@ -66,6 +72,20 @@ def read_hf_weights(hf_dir: str) -> dict[str, torch.Tensor]:
     if not out:
         raise ExportError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights")
     return out
+
+
+def _check_shapes(sd: dict[str, torch.Tensor], cfg: Config) -> None:
+    """The converted names and shapes are exactly the megamod model's (before anything is written)."""
+    from megamod.model.gpt import GPT
+
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}
+    missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [f"{k} {tuple(sd[k].shape)} (config says {want[k]})" for k in sorted(set(want) & set(sd))
+             if tuple(sd[k].shape) != want[k]]
+    if missing or extra or wrong:
+        raise ExportError(f"the weights do not match config.json: missing {missing[:4]}, unexpected {extra[:4]}, "
+                          f"shapes {wrong[:4]}")
 
 
 def convert(hf_dir: str, output: str) -> dict:
@@ -83,6 +103,7 @@ def convert(hf_dir: str, output: str) -> dict:
         sd["output.weight"] = sd["tok_embeddings.weight"]  # one storage, as in the tied model's state_dict
     elif "output.weight" not in sd:
         raise ExportError("no lm_head.weight and tie_word_embeddings is false")
+    _check_shapes(sd, Config(model=model))
     os.makedirs(output, exist_ok=True)
     tokenizer = ""
     if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):

@@ -256,7 +256,8 @@ def load_initial_weights(model: torch.nn.Module, ckpt_dir: str, tag: str, full_n
     rank's part of the model — its pipeline stage, its TP slice (``tp_shard``) — before the
     engine exists, so the optimizer starts fresh from them. ``full_names``: the single-device
     model's state_dict keys; the checkpoint must have exactly these. Rank 0 reads first: for a
-    sharded DeepSpeed checkpoint that converts it once (reshard.py); the others then read it."""
+    sharded DeepSpeed checkpoint that converts it once (reshard.py); the others then read it.
+    Every rank holds the full tensors on the CPU meanwhile (the model's size in the stored dtype)."""
     sd: dict[str, torch.Tensor] | None = None
     err = [None]
     if dist.get_rank() == 0:

@@ -143,6 +143,11 @@ def test_hf_to_megamod_to_hf_is_bit_identical(tmp_path, load_tool, spm_models):
         ref = LlamaForCausalLM.from_pretrained(str(src), dtype=torch.float32)(tokens).logits
         torch.testing.assert_close(model(tokens), ref, rtol=0, atol=1e-5)
     assert megamod.load_tokenizer(str(run)).model_path == str(run / "tokenizer.model")
+    # weights that do not fit their config.json are refused before anything is written
+    ca["intermediate_size"] = 128
+    (src / "config.json").write_text(json.dumps(ca))
+    assert load_tool("convert_from_hf").main(["--hf", str(src), "--output", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("flags, what", [
