@@ -8,8 +8,6 @@ import torch.nn.functional as F
 
 from conftest import BASE, read_losses  # noqa: F401  (pytest puts this dir on sys.path)
 
-pytest.importorskip("transformers")
-
 
 def test_training_starts_from_a_converted_hf_llama_at_tp2(tmp_path, train, load_tool):
     """An HF Llama of BASE's shape -> megamod -> ``megamod-train --checkpoint.load`` at tp=2 (2

@@ -22,7 +22,6 @@ from megamod.infer.generate import generate
 from megamod.model.gpt import build_model
 from megamod.train.checkpoint import save_weights
 
-transformers = pytest.importorskip("transformers")  # the `hf` extra, part of `test`
 VOCAB = 512
 
 
