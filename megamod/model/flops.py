@@ -8,11 +8,16 @@ Conventions (PaLM appendix B, and what torch.utils.flop_counter counts):
 - the input embedding is a lookup (0 FLOPs); the output projection is a matmul.
 Mixture-of-Depths: a routed block at capacity c runs its linears on c·S tokens and its
 attention on a (c·S)² square, plus the router (2d per token) and predictor (learned routing).
+MoBA (layers not kept dense by moba.full_attention_layers): each query attends to topk blocks of
+B keys (all S when S <= topk·B), counted as full blocks like the dense square, so 4·S·min(S,
+topk·B)·d; the gate scores every block, q·mean(K_block), 2·S·ceil(S/B)·d (the block means are
+elementwise). Inside a routed block both apply to its k selected tokens.
 """
 
 from __future__ import annotations
 
 from megamod.config import Config, ModelConfig
+from megamod.model.gpt import moba_layers
 from megamod.model.mod import capacity_tokens, predictor_hidden, routed_layers
 
 
@@ -40,7 +45,16 @@ def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
             if cfg.mod.predictor:
                 hidden = predictor_hidden(cfg.mod, m.d_model)
                 extra += 2 * seq_len * (m.d_model * hidden + hidden)  # d -> hidden -> 1
-    return 2 * tokens * block_linear_params(m) + 4 * tokens * tokens * m.d_model + extra
+    return 2 * tokens * block_linear_params(m) + attention_forward_flops(cfg, layer_id, tokens) + extra
+
+
+def attention_forward_flops(cfg: Config, layer_id: int, tokens: int) -> int:
+    """Scores and weighted sum (and MoBA's gate) of one layer over a sequence of ``tokens``."""
+    d = cfg.model.d_model
+    if layer_id not in moba_layers(cfg):
+        return 4 * tokens * tokens * d
+    b, topk = cfg.moba.chunk_size, cfg.moba.topk
+    return 4 * tokens * min(tokens, topk * b) * d + 2 * tokens * -(-tokens // b) * d
 
 
 def forward_flops_per_sequence(cfg: Config, seq_len: int | None = None) -> int:
