@@ -142,6 +142,8 @@ class TrainConfig:
         "at zero_stage 0, else master_weights")
     eval_interval: int = _f(50, "evaluate every N steps (0: only at the end)")
     eval_steps: int = _f(10, "validation micro-batches per evaluation")
+    trailing_loss_tokens: int = _f(0, "evaluation also logs val_loss_trailing, the loss on the last N tokens of "
+                                      "each sequence (MoBA's long-context check; 0: off)")
     log_interval: int = _f(10, "console/TensorBoard logging interval in steps")
     exit_after_minutes: float = _f(0.0, "save and exit cleanly after this wall time (0: no limit)")
     exit_at_step: int = _f(0, "save and exit after this step, keeping the schedule of train.steps (0: off)")
@@ -403,6 +405,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"--train.{name} must be >= 1")
+    if not 0 <= t.trailing_loss_tokens <= t.seq_len:
+        raise ConfigError(f"--train.trailing_loss_tokens {t.trailing_loss_tokens} must be in 0..--train.seq_len "
+                          f"{t.seq_len}")
+    if t.trailing_loss_tokens and p.pp > 1:
+        raise ConfigError("--train.trailing_loss_tokens is not supported with --parallel.pp > 1 (the last stage "
+                          "computes the loss over whole sequences); set it to 0 or use --parallel.pp 1")
     if not cfg.data.paths and not cfg.data.synthetic:
         raise ConfigError("no training data: set --data.paths PREFIX (see tools/preprocess_data.py) "
                           "or --data.synthetic true")

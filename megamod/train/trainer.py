@@ -156,6 +156,8 @@ class Trainer:
         """val_loss with training-style routing; for MoD models also val_loss_causal (the causal
         routing generation uses), predictor accuracy and flip rates (rank 0's, over routed layers)."""
         out = {"val_loss": self._eval_loss()}
+        if self.cfg.train.trailing_loss_tokens:
+            out["val_loss_trailing"] = self._eval_loss(last=self.cfg.train.trailing_loss_tokens)
         # Every rank must take the same branch (evaluation is collective), but a pipeline stage
         # may hold no routed block: decide over all ranks.
         causal = torch.tensor(float(has_causal_routing(self.model)))
@@ -165,7 +167,9 @@ class Trainer:
         return _over_ranks(out) if self.dims.pp > 1 else out  # predictor statistics live on their stages
 
     @torch.no_grad()
-    def _eval_loss(self) -> float:
+    def _eval_loss(self, last: int = 0) -> float:
+        """Mean validation loss; ``last`` > 0: over the last ``last`` positions of each sequence
+        only, in a pass of its own (config.validate refuses it under PP)."""
         self.engine.eval()
         t = self.cfg.train
         batches = micro_batches(self.valid_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp, 0)
@@ -175,7 +179,7 @@ class Trainer:
             if self.pipeline is not None:
                 total += self.pipeline.eval_loss(batch)
             else:
-                total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
+                total += self.loss_fn(self.engine(batch[:, :-1])[:, -last:], batch[:, 1:][:, -last:])
         self.engine.train()
         return self._dp_mean(total / t.eval_steps)
 
