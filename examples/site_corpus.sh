@@ -2,6 +2,8 @@
 # The isoFLOP sweep's corpus in one command: the installed packages' sources and docs
 # (megamod/data/site_corpus.py) -> an 8192-piece sentencepiece BPE -> Megatron .bin/.idx.
 #   bash examples/site_corpus.sh [DATA_DIR]        (default data/; PY=python3 on a machine without .venv)
+#   ROOTS="dir1 dir2" bash examples/site_corpus.sh  (more package directories, e.g. from
+#                                                    pip install --no-deps --target dir1 transformers==5.25.0)
 # Writes DATA_DIR/site.jsonl, site_tok.model, site_text_document.{bin,idx} and site_corpus.json
 # (documents, bytes, tokens, the .idx's sha1, seconds per stage). Steps whose outputs exist are
 # skipped. Tokenizer training is deterministic (one thread, a seeded sample), so one machine (one
@@ -17,7 +19,9 @@ stage() { printf '== %s (%s)\n' "$1" "$(date +%T)"; }
 t0=$SECONDS
 if [[ ! -s $DATA/site.jsonl ]]; then
     stage "corpus: standard library + site-packages sources and docs"
-    $PY -m megamod.data.site_corpus --output "$DATA/site.jsonl"
+    roots=()
+    for r in ${ROOTS:-}; do roots+=(--root "$r"); done
+    $PY -m megamod.data.site_corpus --output "$DATA/site.jsonl" "${roots[@]}"
 fi
 t1=$SECONDS
 if [[ ! -s $DATA/site_tok.model ]]; then
@@ -49,6 +53,6 @@ json.dump(info, open(os.path.join(data, "site_corpus.json"), "w"), indent=1)
 print(f"site corpus: {docs} documents, {info['text_bytes'] / 1e6:.0f} MB of jsonl, {info['tokens'] / 1e6:.1f}M tokens "
       f"(idx sha1 {idx_sha1[:12]}); seconds {info['seconds']}")
 if info["tokens"] < 100e6:
-    print(f"note: under 100M tokens: this machine has fewer packages installed (add directories with "
-          f"python -m megamod.data.site_corpus --root DIR)")
+    print("note: under 100M tokens: this machine has too few packages installed for that (add directories of "
+          "packages with ROOTS=...)")
 PYEOF
