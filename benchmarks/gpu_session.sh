@@ -14,6 +14,9 @@
 #   benchmarks/gpu_session.sh mod-ablate   -> mod_speed.py z0 mb8 with the in-step routing ablation (3 processes)
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
+#   benchmarks/gpu_session.sh cp           -> cp_attention.py: CP attention's per-rank work vs one device (issue #20)
+#   LONG_RUNS=moba:262144,dense:262144 benchmarks/gpu_session.sh long
+#                                          -> long_context.py: the 1b flavour at long sequences, MoBA vs dense (issue #21)
 #   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
 #                                             and mod_speed.py z0 mb8 x 2 with the in-step routing ablation
 #   benchmarks/gpu_session.sh isoflop-data isoflop -> the sweep's corpus (examples/site_corpus.sh, ~2 min), then the
@@ -79,6 +82,7 @@ for what in "$@"; do
                     > "$OUT/ncu_${k%%:*}.txt" 2>&1
                 grep -v "^==PROF==" "$OUT/ncu_${k%%:*}.txt" | grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Registers|Occupancy|Shared Memory|Block Limit|Pipe|L2|L1|DRAM" | head -60
             done ;;
+<<<<<<< HEAD
         isoflop-data) bash examples/site_corpus.sh data 2>&1 | grep -v Warning | tee "$OUT/isoflop_data.log"
             cp data/site_corpus.json "$OUT/" ;;
         isoflop) mkdir -p "$OUT/isoflop"
@@ -90,6 +94,13 @@ for what in "$@"; do
                 mkdir -p "$OUT/isoflop/runs/$(basename "$d")"
                 cp "$d"metrics.jsonl "$d"logs/isoflop.out "$OUT/isoflop/runs/$(basename "$d")/" 2>/dev/null
             done ;;
+=======
+        cp) python3 benchmarks/cp_attention.py --json "$OUT/cp_attention.json" 2>&1 | grep --line-buffered -v Warning \
+            | tee "$OUT/cp_attention.log" ;;
+        long) python3 benchmarks/long_context.py --runs "${LONG_RUNS:-moba:262144,dense:262144}" \
+            --timeout "${LONG_TIMEOUT:-300}" --json "$OUT/long_context.json" 2>&1 | grep --line-buffered -v Warning \
+            | tee "$OUT/long_context.log" ;;
+>>>>>>> main
         *) echo "unknown: $what" ;;
     esac
 done

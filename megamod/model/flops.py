@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from megamod.config import Config, ModelConfig
 from megamod.model.gpt import moba_layers
-from megamod.model.mod import capacity_tokens, predictor_hidden, routed_layers
+from megamod.model.mod import predictor_hidden, routed_layers, routed_tokens
 
 
 def block_linear_params(m: ModelConfig) -> int:
@@ -26,9 +26,10 @@ def block_linear_params(m: ModelConfig) -> int:
     return m.d_model * (m.d_model + 2 * kv) + m.d_model * m.d_model + 3 * m.d_model * m.ffn_hidden
 
 
-def mod_capacity_tokens(capacity: float, seq_len: int) -> int:
-    """k = max(1, floor(capacity · S)) tokens per sequence (DESIGN.md, MoD)."""
-    return capacity_tokens(capacity, seq_len)
+def mod_capacity_tokens(capacity: float, seq_len: int, window: int = 0) -> int:
+    """k tokens a routed block processes per sequence: max(1, floor(capacity · W)) per window of W
+    tokens (0: the whole sequence; DESIGN.md, MoD)."""
+    return routed_tokens(capacity, window, seq_len)
 
 
 def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
@@ -39,7 +40,7 @@ def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
     tokens = seq_len
     extra = 0
     if layer_id in routed_layers(cfg):
-        tokens = mod_capacity_tokens(cfg.mod.capacity, seq_len)
+        tokens = mod_capacity_tokens(cfg.mod.capacity, seq_len, cfg.mod.window)
         if cfg.mod.routing == "learned":
             extra = 2 * m.d_model * seq_len  # router r = wᵀx on every token
             if cfg.mod.predictor:
