@@ -82,7 +82,6 @@ for what in "$@"; do
                     > "$OUT/ncu_${k%%:*}.txt" 2>&1
                 grep -v "^==PROF==" "$OUT/ncu_${k%%:*}.txt" | grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Registers|Occupancy|Shared Memory|Block Limit|Pipe|L2|L1|DRAM" | head -60
             done ;;
-<<<<<<< HEAD
         isoflop-data) bash examples/site_corpus.sh data 2>&1 | grep -v Warning | tee "$OUT/isoflop_data.log"
             cp data/site_corpus.json "$OUT/" ;;
         isoflop) mkdir -p "$OUT/isoflop"
@@ -94,13 +93,11 @@ for what in "$@"; do
                 mkdir -p "$OUT/isoflop/runs/$(basename "$d")"
                 cp "$d"metrics.jsonl "$d"logs/isoflop.out "$OUT/isoflop/runs/$(basename "$d")/" 2>/dev/null
             done ;;
-=======
         cp) python3 benchmarks/cp_attention.py --json "$OUT/cp_attention.json" 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/cp_attention.log" ;;
         long) python3 benchmarks/long_context.py --runs "${LONG_RUNS:-moba:262144,dense:262144}" \
             --timeout "${LONG_TIMEOUT:-300}" --json "$OUT/long_context.json" 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/long_context.log" ;;
->>>>>>> main
         *) echo "unknown: $what" ;;
     esac
 done
