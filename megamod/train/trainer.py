@@ -23,8 +23,10 @@ from megamod.config import Config, ConfigError
 from megamod.model.gpt import GPT, build_model
 from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_aux_loss_scale
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
+from megamod.parallel.context import shard_batch
 from megamod.parallel.dims import ParallelDims
-from megamod.parallel.parallelize import LossFn, build_loss_fn, parallelize_model
+from megamod.parallel.loss import LossFn, build_loss_fn
+from megamod.parallel.parallelize import parallelize_model
 from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
@@ -69,7 +71,9 @@ class Trainer:
               stop: StopController | None = None) -> "Trainer":
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
-        set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum)  # MoD aux gradients: scaled like the LM loss
+        # MoD aux gradients: scaled like the LM loss (DeepSpeed divides it by grad_accum; a CP rank's
+        # share of a sequence's mean is 1/cp of its local mean)
+        set_aux_loss_scale(model, 1.0 / (cfg.train.grad_accum * dims.cp))
         mark_tied_copy(model)  # pp > 1: the last stage's copy of a tied embedding stays out of the optimizer
         ckpt_dir = os.path.join(cfg.train.run_dir, "checkpoints")
         resume_tag = _agreed_tag(ckpt_dir, dims) if cfg.checkpoint.resume else None
@@ -77,8 +81,8 @@ class Trainer:
             _load_initial_weights(model, cfg, dims)  # before the engine: its optimizer starts from them
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
-        loss_fn = build_loss_fn(cfg, dims)
-        if cfg.train.compile:
+        loss_fn = build_loss_fn(cfg, dims, model)
+        if cfg.train.compile and not cfg.train.loss_chunk_tokens:  # the chunked loss recomputes: eager
             apply_compile(model)
             loss_fn = compile_loss(loss_fn, dims.tp)
         engine = build_engine(cfg, model, dims, device)
@@ -125,10 +129,13 @@ class Trainer:
                          stage=self._stage)
 
     # ---- steps ----------------------------------------------------------------------------------
+    def _shard(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, S+1) -> tokens, targets (B, S/cp) and their positions (None at cp = 1)."""
+        return shard_batch(batch.to(self.device, non_blocking=True), self.dims.cp, self.dims.coords()["cp"])
+
     def forward_backward_step(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        tokens, targets = batch[:, :-1], batch[:, 1:]  # (B, S) each
-        loss = self.loss_fn(self.engine(tokens), targets)
+        tokens, targets, positions = self._shard(batch)  # (B, S/cp) each
+        loss = self.loss_fn(self.engine(tokens, positions), targets)
         self.engine.backward(loss)
         self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         return loss.detach()
@@ -148,9 +155,10 @@ class Trainer:
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         """Mean over data-parallel replicas of a value the last pipeline stage holds (the other
-        stages hold 0, so a sum over the pipeline group moves it to every rank)."""
+        stages hold 0, so a sum over the pipeline group moves it to every rank). Under CP each rank
+        holds its share of the sequence's loss (context.cp_loss): summed over the CP group too."""
         value = value.detach().float().clone()
-        dist.all_reduce(value, group=self.dims.group("dp"))
+        dist.all_reduce(value, group=self.dims.group("dp_cp"))
         if self.dims.pp > 1:
             dist.all_reduce(value, group=self.dims.group("pp"))
         return value.item() / self.dims.dp
@@ -160,16 +168,22 @@ class Trainer:
         """val_loss with training-style routing; for MoD models also val_loss_causal (the causal
         routing generation uses), predictor accuracy and flip rates (rank 0's, over routed layers)."""
         out = {"val_loss": self._eval_loss()}
+        if self.cfg.train.trailing_loss_tokens:
+            out["val_loss_trailing"] = self._eval_loss(last=self.cfg.train.trailing_loss_tokens)
         # Every rank must take the same branch (evaluation is collective), but a pipeline stage
         # may hold no routed block: decide over all ranks.
-        causal = torch.tensor(float(has_causal_routing(self.model)))
+        # Not under CP: causal routing's per-token decisions give the CP ranks unequal token counts,
+        # which the CP attention's static shapes do not take; evaluate such a checkpoint at cp 1.
+        causal = torch.tensor(float(has_causal_routing(self.model) and self.dims.cp == 1))
         dist.all_reduce(causal, op=dist.ReduceOp.MAX, group=self.dims.group("control"))
         if causal.item():
             out.update(evaluate_causal_routing(self.model, self._eval_loss))
         return _over_ranks(out) if self.dims.pp > 1 else out  # predictor statistics live on their stages
 
     @torch.no_grad()
-    def _eval_loss(self) -> float:
+    def _eval_loss(self, last: int = 0) -> float:
+        """Mean validation loss; ``last`` > 0: over the last ``last`` positions of each sequence
+        only, in a pass of its own (config.validate refuses it under PP)."""
         self.engine.eval()
         t = self.cfg.train
         batches = micro_batches(self.valid_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp, 0)
@@ -179,7 +193,11 @@ class Trainer:
             if self.pipeline is not None:
                 total += self.pipeline.eval_loss(batch)
             else:
-                total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
+                tokens, targets, positions = self._shard(batch)
+                out = self.engine(tokens, positions)
+                if last:  # the last positions of each sequence (validation refuses it under CP and PP)
+                    out, targets = out[:, -last:], targets[:, -last:]
+                total += self.loss_fn(out, targets)
         self.engine.train()
         return self._dp_mean(total / t.eval_steps)
 
@@ -292,15 +310,15 @@ def _load_initial_weights(model: GPT, cfg: Config, dims: ParallelDims) -> None:
 
 def _over_ranks(local: dict[str, float]) -> dict[str, float]:
     """Module metrics averaged over the ranks that report them (pipeline stages hold different
-    modules); per-rank counts (keys ending in "selected_tokens") also as their max over ranks, so
-    max/mean shows the imbalance. A collective at log intervals only."""
+    modules); per-rank counts (keys ending in "selected_tokens", and "cp_work", a CP rank's
+    attention work) also as their max over ranks, so max/mean shows the imbalance. A collective at log intervals only."""
     gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, local)
     out: dict[str, float] = {}
     for key in sorted({k for g in gathered for k in g}):
         vals = [g[key] for g in gathered if key in g]
         out[key] = sum(vals) / len(vals)
-        if key.endswith("selected_tokens"):
+        if key.endswith(("selected_tokens", "cp_work")):
             out[key + "_max"] = max(vals)
     return out
 

@@ -36,6 +36,7 @@ import pytest
 import torch
 
 from _harness import run_distributed
+from _trainers import batches_of, build_trainer, train_steps
 
 STEPS, SAVE_AT = 10, 5
 GLOBAL_BATCH, MICRO = 8, 2
@@ -62,35 +63,6 @@ def _cfg(run_dir: str, tp: int, pp: int, dp: int, zero: int, *extra: str):
         "--logging.tensorboard", "false", "--train.progress", "off", *extra])
 
 
-def _trainer(rank: int, world_size: int, cfg):
-    import torch
-
-    from megamod.parallel.dims import ParallelDims
-    from megamod.train.trainer import Trainer
-
-    p = cfg.parallel
-    dims = ParallelDims(tp=p.tp, cp=1, dp=world_size // (p.tp * p.pp), pp=p.pp, rank=rank)
-    dims.build_groups()
-    return Trainer.build(cfg, dims, torch.device("cpu"))
-
-
-def _batches(trainer):
-    from megamod.train.data import micro_batches
-
-    t, d = trainer.cfg.train, trainer.dims
-    return micro_batches(trainer.train_data, t.micro_batch_size, d.coords()["dp"], d.dp, trainer.state.consumed_samples)
-
-
-def _steps(trainer, n: int) -> list[tuple[float, float]]:
-    """(loss averaged over DP, global grad norm) for the next n optimizer steps."""
-    batches = _batches(trainer)
-    out = []
-    for _ in range(n):
-        loss = trainer.train_step(batches)
-        out.append((trainer._dp_mean(loss), float(trainer.engine.get_global_grad_norm())))
-    return out
-
-
 def _first_step_grads(trainer) -> dict:
     """Gradients of this rank's parameters at the first accumulation boundary (ZeRO-0: whole and
     DP-averaged in ``.grad``), keyed by name; TP shards with their (dim, tp rank, tp)."""
@@ -108,7 +80,7 @@ def _first_step_grads(trainer) -> dict:
         return step(*args, **kwargs)
 
     engine.step = capture
-    trainer.train_step(_batches(trainer))
+    trainer.train_step(batches_of(trainer))
     return grads
 
 
@@ -119,12 +91,12 @@ def _run_grids(rank: int, world_size: int, tmp: str, grids: dict) -> dict:
     for label, (tp, pp, zero, extra) in grids.items():
         dp = world_size // (tp * pp)
         cfg = _cfg(os.path.join(tmp, label), tp, pp, dp, zero, "--checkpoint.resume", "false", *extra)
-        trainer = _trainer(rank, world_size, cfg)
-        out[label] = _steps(trainer, STEPS)
+        trainer = build_trainer(rank, world_size, cfg)
+        out[label] = train_steps(trainer, STEPS)
         if label in EXPORTED:
             trainer.save()
         cfg0 = _cfg(os.path.join(tmp, label + "_z0"), tp, pp, dp, 0, "--checkpoint.resume", "false", *extra)
-        trainer0 = _trainer(rank, world_size, cfg0)
+        trainer0 = build_trainer(rank, world_size, cfg0)
         out[(label, "grads")] = _first_step_grads(trainer0)
         if label in EXPORTED:  # a ZeRO-0 checkpoint: one module file per TP rank and stage
             trainer0.save()
@@ -137,9 +109,9 @@ def _run_grids(rank: int, world_size: int, tmp: str, grids: dict) -> dict:
 
 def _two_ranks(rank: int, world_size: int, tmp: str) -> dict:
     run = os.path.join(tmp, "pp2_ckpt")
-    _trainer(rank, world_size, _cfg(run, 1, 2, 1, 2, "--train.exit_at_step", str(SAVE_AT))).train()
-    trainer = _trainer(rank, world_size, _cfg(run, 1, 2, 1, 2))
-    return {"resumed_pp2": (trainer.state.step, _steps(trainer, 2)),
+    build_trainer(rank, world_size, _cfg(run, 1, 2, 1, 2, "--train.exit_at_step", str(SAVE_AT))).train()
+    trainer = build_trainer(rank, world_size, _cfg(run, 1, 2, 1, 2))
+    return {"resumed_pp2": (trainer.state.step, train_steps(trainer, 2)),
             "stage_dirs": sorted(d for d in os.listdir(os.path.join(run, "checkpoints", f"step_{SAVE_AT:08d}"))
                                  if d.startswith("pp_stage"))}
 
@@ -150,20 +122,20 @@ def _one_rank(rank: int, world_size: int, tmp: str) -> dict:
     from megamod.train.checkpoint import consolidated_state_dict
 
     out: dict = {}
-    out["ref"] = _steps(_trainer(rank, 1, _cfg(os.path.join(tmp, "ref"), 1, 1, 1, 1, "--checkpoint.resume", "false")),
+    out["ref"] = train_steps(build_trainer(rank, 1, _cfg(os.path.join(tmp, "ref"), 1, 1, 1, 1, "--checkpoint.resume", "false")),
                         STEPS)
-    out["ref_mod"] = _steps(_trainer(rank, 1, _cfg(os.path.join(tmp, "ref_mod"), 1, 1, 1, 1,
+    out["ref_mod"] = train_steps(build_trainer(rank, 1, _cfg(os.path.join(tmp, "ref_mod"), 1, 1, 1, 1,
                                                    "--checkpoint.resume", "false", *MOD)), STEPS)
     for label, extra in (("ref", []), ("ref_mod", MOD)):
         cfg0 = _cfg(os.path.join(tmp, label + "_z0"), 1, 1, 1, 0, "--checkpoint.resume", "false", *extra)
-        out[(label, "grads")] = _first_step_grads(_trainer(rank, 1, cfg0))
+        out[(label, "grads")] = _first_step_grads(build_trainer(rank, 1, cfg0))
     # The pp=2 ZeRO-2 run's step-5 checkpoint, resumed on one rank (pp=1): weights, Adam moments,
     # LR schedule and step counters all come back through the merged universal checkpoint.
     run = os.path.join(tmp, "pp2_ckpt")
-    trainer = _trainer(rank, 1, _cfg(run, 1, 1, 1, 2))
+    trainer = build_trainer(rank, 1, _cfg(run, 1, 1, 1, 2))
     export = consolidated_state_dict(os.path.join(run, "checkpoints"))
     out["export_matches"] = all(torch.equal(export[n], p) for n, p in trainer.model.state_dict().items())
-    out["resumed_pp1"] = (trainer.state.step, _steps(trainer, 2))
+    out["resumed_pp1"] = (trainer.state.step, train_steps(trainer, 2))
     out.update(_tp2_pp2_export(rank, tmp))
     return out
 

@@ -124,6 +124,24 @@ def test_moba_and_mod_moba_train(tmp_path, train):
         assert margin and all(first[k] >= 0 for k in margin), (name, sorted(first))
 
 
+def test_trailing_loss_is_logged_at_evaluation(tmp_path, train):
+    """--train.trailing_loss_tokens N logs val_loss_trailing, the loss on the last N positions: over
+    all 32 positions it is val_loss itself (same batches, same targets: a shifted target would
+    change it), over the last 8 another value."""
+    import json
+
+    def valid(run: str, n: int) -> dict:
+        train(tmp_path / run, "--train.steps", "2", "--train.trailing_loss_tokens", str(n))
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            return [r for r in map(json.loads, f) if r["kind"] == "valid"][-1]
+
+    whole = valid("whole", 32)
+    assert whole["val_loss_trailing"] == whole["val_loss"]
+    last8 = valid("last8", 8)
+    assert last8["val_loss"] == whole["val_loss"]  # same seed, same run
+    assert last8["val_loss_trailing"] != last8["val_loss"] and math.isfinite(last8["val_loss_trailing"])
+
+
 def test_pipeline_cli_trains_evaluates_and_exports(tmp_path, train):
     """The real CLI at pp=2 (torchrun, 2 ranks) on a MoD model: training losses, validation loss
     through the pipeline (forward-only schedule) and the causal-routing validation loss all equal
