@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -146,6 +147,15 @@ class TrainConfig:
     exit_after_minutes: float = _f(0.0, "save and exit cleanly after this wall time (0: no limit)")
     exit_at_step: int = _f(0, "save and exit after this step, keeping the schedule of train.steps (0: off)")
     progress: Literal["auto", "on", "off"] = _f("auto", "console progress bar (auto: only on a terminal)")
+    collective_timeout_s: float = _f(600.0, "a collective that waits longer than this for a peer fails, and a rank "
+                                     "whose heartbeat stops for this long is declared failed: the survivors exit "
+                                     "non-zero naming it (gloo and NCCL; torchrun --max-restarts or a Slurm requeue "
+                                     "then resumes from the newest complete checkpoint)")
+    max_consecutive_skips: int = _f(5, "stop with an error after this many optimizer steps in a row were skipped "
+                                    "for a non-finite loss or gradient (or a loss spike); 0: never stop")
+    spike_sigma: float = _f(0.0, "also skip a step when a micro-batch loss exceeds mean + spike_sigma·std of that "
+                            "rank's last train.spike_window micro-batch losses (0: off)")
+    spike_window: int = _f(100, "micro-batch losses the loss-spike guard keeps (train.spike_sigma)")
 
 
 @dataclass
@@ -154,6 +164,14 @@ class CheckpointConfig:
     keep_last: int = _f(3, "complete checkpoints to keep")
     resume: bool = _f(True, "resume from the newest complete checkpoint in the run directory")
     save_at_end: bool = _f(True, "save when training ends (false: benchmarks whose weights are thrown away)")
+    verify: bool = _f(True, "on resume, check every file of the checkpoint against the sizes and checksums its "
+                      "manifest recorded")
+    fallback: bool = _f(True, "when the newest complete checkpoint fails verification, resume from the previous one "
+                        "(false: stop with an error naming the bad file)")
+    on_save_error: Literal["continue", "stop"] = _f(
+        "continue", "a save that fails (disk full, I/O error) leaves the previous checkpoint and `latest` as they were "
+        "and is reported; then keep training ('continue', the next save retries) or exit non-zero ('stop'). A save "
+        "at the end of training or at a stop request that fails always exits non-zero")
 
 
 @dataclass
@@ -209,6 +227,8 @@ def _coerce(flag: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(flag, item, v) for v in value]
+    if isinstance(value, (dict, list, tuple, set)):
+        raise ConfigError(f"--{flag} expects a single value, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -226,6 +246,8 @@ def _coerce(flag: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"--{flag} expects {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"--{flag} expects an integer, got {value!r}")
+        if tp is float and not math.isfinite(out):
+            raise ConfigError(f"--{flag} expects a finite number, got {value!r}")
         return out
     if tp is str:
         return str(value)
@@ -400,9 +422,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"--train.bf16_mode master_fused runs on one rank at --optim.zero_stage 0 (this run: "
                           f"{world_size} ranks, ZeRO-{cfg.optim.zero_stage}); use --train.bf16_mode master_weights "
                           f"(ZeRO >= 1) or autocast, or leave it at auto")
-    for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
+    for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_interval", "eval_steps", "spike_window"):
         if getattr(t, name) < 1:
             raise ConfigError(f"--train.{name} must be >= 1")
+    for name in ("eval_interval", "exit_at_step", "exit_after_minutes", "max_consecutive_skips", "spike_sigma"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"--train.{name} must be >= 0")
+    if t.collective_timeout_s <= 0:
+        raise ConfigError(f"--train.collective_timeout_s {t.collective_timeout_s} must be positive (seconds)")
+    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("--checkpoint.interval must be >= 0 and --checkpoint.keep_last >= 1")
     if not cfg.data.paths and not cfg.data.synthetic:
         raise ConfigError("no training data: set --data.paths PREFIX (see tools/preprocess_data.py) "
                           "or --data.synthetic true")

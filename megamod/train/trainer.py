@@ -29,6 +29,7 @@ from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
 from megamod.train.engine import build_engine, resolve_dtype
+from megamod.train.guard import StepGuard
 from megamod.model.flops import forward_flops_per_sequence, peak_flops, train_flops_per_step
 from megamod.train.metrics import MetricsLogger
 from megamod.train.signals import StopController, requeue_slurm_job
@@ -53,6 +54,8 @@ class Trainer:
     stop: StopController
     # pipeline parallelism: this stage's schedule (None at pp=1)
     pipeline: PipelineSchedule | None = None
+    # skips steps with a non-finite loss or gradient on any rank (guard.py); built by ``build``
+    guard: StepGuard | None = None
 
     @functools.cached_property
     def step_flops(self) -> int:
@@ -86,16 +89,20 @@ class Trainer:
         if dims.pp > 1:
             pipeline = PipelineSchedule(cfg, dims, model, engine, loss_fn, device)
             pipeline.sync_tied_weights()  # the last stage's copy starts as stage 0's matrix
+        t = cfg.train
+        guard = StepGuard(device, t.max_consecutive_skips, t.spike_sigma, t.spike_window)
+        if pipeline is not None:
+            pipeline.guard_loss = guard.guard
         trainer = cls(cfg, dims, device, model, loss_fn, engine, train_data, valid_data,
-                      ckpt.TrainState(), metrics, stop, pipeline)
+                      ckpt.TrainState(), metrics, stop, pipeline, guard)
         if cfg.checkpoint.resume:
             trainer.resume()
         return trainer
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def resume(self) -> None:
-        tag = [ckpt.find_latest_complete(self.ckpt_dir) if self.dims.rank == 0 else None]
-        dist.broadcast_object_list(tag, src=0)  # every rank loads the same tag
+        c = self.cfg.checkpoint
+        tag = [ckpt.choose_resume_tag(self.ckpt_dir, c.verify, c.fallback, self.dims.group("control"))]
         if tag[0] is None:
             return
         saved = ckpt.read_meta(self.ckpt_dir, tag[0])["config"]["model"]
@@ -103,9 +110,11 @@ class Trainer:
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if diff:
             flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
-            raise RuntimeError(f"checkpoint {self.ckpt_dir}/{tag[0]} has another architecture: {flags}. "
-                               f"Use the checkpoint's model flags, or a new --train.run_dir")
-        self.state = ckpt.load(self.engine, self.ckpt_dir, tag[0], grid=self.dims.sizes(), stage=self._stage)
+            raise ckpt.CheckpointError(f"checkpoint {self.ckpt_dir}/{tag[0]} has another architecture: {flags}. "
+                                       f"Use the checkpoint's model flags, or a new --train.run_dir")
+        self.state, ours = ckpt.load(self.engine, self.ckpt_dir, tag[0], grid=self.dims.sizes(), stage=self._stage)
+        if "guard" in ours:
+            self.guard.load_state_dict(ours["guard"])
         if self.pipeline is not None:
             self.pipeline.sync_tied_weights()
         if self.dims.rank == 0:
@@ -116,16 +125,26 @@ class Trainer:
         """This rank's pipeline stage, or None at pp=1 (checkpoint layout, checkpoint.py)."""
         return self.dims.coords()["pp"] if self.dims.pp > 1 else None
 
-    def save(self) -> str:
-        return ckpt.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(), self.cfg.checkpoint.keep_last,
-                         stage=self._stage)
+    def save(self, must: bool = False) -> str | None:
+        """Save a checkpoint. A failed save (CheckpointSaveError) is reported and training goes
+        on, unless ``must`` (the last save before exiting) or --checkpoint.on_save_error stop."""
+        try:
+            return ckpt.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(), self.cfg.checkpoint.keep_last,
+                             stage=self._stage, rank_state={"guard": self.guard.state_dict()},
+                             group=self.dims.group("control"))
+        except ckpt.CheckpointSaveError as e:
+            if must or self.cfg.checkpoint.on_save_error == "stop":
+                raise
+            if self.dims.rank == 0:
+                print(f"warning: {e}; training goes on (--checkpoint.on_save_error continue)", flush=True)
+            return None
 
     # ---- steps ----------------------------------------------------------------------------------
     def forward_backward_step(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         tokens, targets = batch[:, :-1], batch[:, 1:]  # (B, S) each
         loss = self.loss_fn(self.engine(tokens), targets)
-        self.engine.backward(loss)
+        self.engine.backward(self.guard.guard(loss))  # a non-finite loss poisons the gradients: the step is skipped
         self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         return loss.detach()
 
@@ -136,6 +155,7 @@ class Trainer:
             loss = self.pipeline.train_step(batches)
         else:
             loss = torch.stack([self.forward_backward_step(next(batches)) for _ in range(self.cfg.train.grad_accum)]).mean()
+        self.guard.after_step(self.engine.get_global_grad_norm())  # counts a skipped step, on the device
         t = self.cfg.train
         self.state.step += 1
         self.state.consumed_samples += t.micro_batch_size * t.grad_accum * self.dims.dp
@@ -183,7 +203,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
         batches = micro_batches(self.train_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp,
-                                self.state.consumed_samples)
+                                self.state.consumed_samples, cfg.model.vocab_size)
         dtype = resolve_dtype(cfg, self.device)
         peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu", dtype)
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.dims.dp * t.seq_len
@@ -200,6 +220,7 @@ class Trainer:
                 self.metrics.advance(1)
                 if step % t.log_interval == 0 or step == t.steps:
                     last["loss"] = self._dp_mean(loss)  # syncs: only at log intervals
+                    self.guard.check(step)  # too many skipped steps in a row: TooManySkips, no save
                     elapsed = time.perf_counter() - window_start
                     self._log_train(step, last["loss"], elapsed / window_steps, tokens_per_step, peak)
                     window_start, window_steps = time.perf_counter(), 0
@@ -211,10 +232,10 @@ class Trainer:
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != t.steps:
                     self.save()
                 if step == t.exit_at_step:
-                    self.save()
+                    self.save(must=True)
                     return last
                 if self.stop.should_stop(self.dims.group("control")):
-                    self.save()
+                    self.save(must=True)
                     if self.dims.rank == 0:
                         print(f"stopping at step {step}: {self.stop.reason}; checkpoint saved", flush=True)
                         if self.stop.wants_requeue:  # SIGUSR1 (time limit ahead), not a plain scancel
@@ -223,7 +244,7 @@ class Trainer:
             val = self.evaluate()
             last.update(val)
             self.metrics.log(self.state.step, {**val, "val_ppl": _ppl(val["val_loss"])}, "valid")
-            saved = f"checkpoint {self.ckpt_dir}/{self.save()}" if cfg.checkpoint.save_at_end else "no checkpoint"
+            saved = f"checkpoint {self.ckpt_dir}/{self.save(must=True)}" if cfg.checkpoint.save_at_end else "no checkpoint"
             if self.dims.rank == 0:
                 print(f"done: {self.state.step} steps; {saved}; TensorBoard: "
                       f"tensorboard --logdir {os.path.join(t.run_dir, 'tensorboard')}", flush=True)
@@ -237,7 +258,7 @@ class Trainer:
         tflops = flops_per_rank / step_time / 1e12  # per device
         values = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _float(self.engine.get_global_grad_norm()),
                   "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time, "tflops_per_device": tflops,
-                  "skipped_steps": float(getattr(self.engine, "skipped_steps", 0)),
+                  "skipped_steps": float(self.guard.skipped),
                   "flops": self.state.flops, "forward_flops_per_seq": float(forward_flops_per_sequence(self.cfg))}
         module_values: dict[str, float] = {}
         for name, module in self.model.named_modules():
