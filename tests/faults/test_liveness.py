@@ -75,28 +75,29 @@ def _global_batches(run_dir: Path, world: int) -> dict[int, list[int]]:
 def test_dp2_checkpoint_resumed_at_dp4_continues_with_the_same_batches_and_survives_a_sigkill(reference, tmp_path):
     """The reference's dp=2 checkpoint at step 4 (micro-batch 4) resumes at dp=4 (micro-batch 2:
     the same 8 samples a step) through DeepSpeed's universal checkpoint; rank 2 of 4 is killed at
-    step 14 and torchrun restarts the job from step 12. Steps 5-24, 20 global batches, must hold
-    the same samples in the same order as an uninterrupted dp=4 run's; the losses agree to 1e-5
-    (the first 4 steps reduced gradients over 2 ranks instead of 4: fp32 summation order only)."""
-    ref_dir, _ = reference
-    dp4 = ["--train.micro_batch_size", "2"]
-    straight = tmp_path / "straight"
-    run = launch(straight, *COMMON, *dp4, nproc=4, faults=[{"kind": "record_samples"}])
-    assert run.rc == 0, run.text[-5000:]
+    step 14 and torchrun restarts the job from step 12. Steps 5-24, 20 global batches (every
+    rank's micro-batch in rank order), must hold the samples an uninterrupted dp=4 run reads (the
+    trainer's sampler from sample 0 at dp=4, micro-batch 2), which are also the ones the
+    uninterrupted dp=2 reference read, recorded. The losses follow the reference to 1e-5: the same
+    samples, only the gradient's fp32 summation order differs (over 4 ranks instead of 2)."""
+    from megamod.data.sampler import DistributedBatchSampler
 
+    ref_dir, ref = reference
     resumed = tmp_path / "resumed"
     shutil.copytree(ref_dir / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004")
-    run = launch(resumed, *COMMON, *dp4, nproc=4, max_restarts=1,
+    run = launch(resumed, *COMMON, "--train.micro_batch_size", "2", nproc=4, max_restarts=1,
                  faults=[{"kind": "record_samples"}, {"kind": "kill", "rank": 2, "step": 14}])
     assert run.rc == 0, run.text[-5000:]
     assert "resharding via a DeepSpeed universal checkpoint" in run.text
     assert "step_00000004 at step 4" in run.text and "step_00000012 at step 12" in run.text
     _named_in_time(run, resumed, "kill", 2, [0, 1, 3])
 
-    want, got = _global_batches(straight, 4), _global_batches(resumed, 4)
+    got, dp2 = _global_batches(resumed, 4), _global_batches(ref_dir, 2)
+    samplers = [iter(DistributedBatchSampler(24 * 8, 2, r, 4, 0)) for r in range(4)]
+    dp4 = {step: [i for s in samplers for i in next(s)] for step in range(1, 25)}
     assert sorted(got) == list(range(5, 25))
     for step in range(5, 25):
-        assert len(got[step]) == 8 and got[step] == want[step], step
-    a, b = read_losses(straight), read_losses(resumed)
+        assert len(got[step]) == 8 and got[step] == dp4[step] == dp2[step], step
+    losses = read_losses(resumed)
     for step in range(5, 25):
-        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+        assert losses[step] == pytest.approx(ref[step], rel=1e-5), step
