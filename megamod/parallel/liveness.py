@@ -29,6 +29,7 @@ collective (its heartbeat goes on); the collective timeout still ends the others
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -36,6 +37,8 @@ from datetime import timedelta
 from typing import Callable
 
 EXIT_PEER_FAILED = 3  # a survivor of another rank's failure: restarting the job may help
+RESTART_HINT = ("exiting so the job can restart (torchrun --max-restarts N or a Slurm requeue resumes from the "
+                "newest complete checkpoint)")
 
 
 def heartbeat_interval(timeout_s: float) -> float:
@@ -88,7 +91,6 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
         self._handling = False  # set by diagnose(): the thread only beats from then on
         self._blamed = False
-        self.exit_code = EXIT_PEER_FAILED
 
     def _key(self, kind: str, rank: int | None = None) -> str:
         return self.prefix + kind + ("" if rank is None else f"/{rank}")
@@ -143,7 +145,7 @@ class Heartbeat:
                     return
                 unreachable_since = unreachable_since or time.monotonic()
                 if time.monotonic() - unreachable_since > patience:
-                    self._exit(f"{self._store_gone()} ({type(e).__name__}: {_first_line(e)})")
+                    self._exit(f"{self._store_gone()} ({type(e).__name__}: {gist(e)})")
 
     def _get(self, key: str) -> str | None:
         return self.store.get(key).decode() if self.store.check([key]) else None
@@ -156,7 +158,7 @@ class Heartbeat:
     def _exit(self, message: str) -> None:
         self.mark_exit(f"peer failure: {message}")
         print(f"megamod-train: error: [rank {self.rank}] {message}; {RESTART_HINT}", file=sys.stderr, flush=True)
-        os._exit(self.exit_code)  # the main thread may be blocked inside a collective for good
+        os._exit(EXIT_PEER_FAILED)  # the main thread may be blocked inside a collective for good
 
     def _store_gone(self) -> str:
         return (f"the rendezvous store at {self.where} is unreachable: its host (rank 0, unless torchrun's agent "
@@ -191,7 +193,7 @@ class Heartbeat:
             after = self._read_all()
         except Exception as e:  # noqa: BLE001
             self._blamed = True
-            return f"{self._store_gone()} ({type(e).__name__}: {_first_line(e)})"
+            return f"{self._store_gone()} ({type(e).__name__}: {gist(e)})"
         parts = []
         for r in range(self.world_size):
             if r == self.rank:
@@ -219,15 +221,13 @@ class Heartbeat:
         return [(self._get(self._key("hb", r)), self._get(self._key("exit", r))) for r in range(self.world_size)]
 
 
-RESTART_HINT = ("exiting so the job can restart (torchrun --max-restarts N or a Slurm requeue resumes from the "
-                "newest complete checkpoint)")
-
 
 def _at_step(value: str | None) -> str:
     step = value.split()[1] if value and len(value.split()) == 2 else "None"
     return "" if step == "None" else f", last at step {step}"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""
+def gist(e: BaseException) -> str:
+    """The first sentence of an error, without the C++ source location gloo puts in front."""
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(e).strip())
+    return text.split(". ")[0].splitlines()[0][:200] if text else ""

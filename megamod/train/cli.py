@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import sys
 from datetime import timedelta
@@ -102,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg: Config, dims, device, heartbeat) -> int:
-    """Build and train; every way out is one line and an exit code (EXIT_CODES) unless it is a bug."""
+    """Build and train; every way out is one line and an exit code (the module docstring lists them),
+    unless it is a bug (a traceback)."""
     import torch.distributed as dist
 
-    from megamod.parallel.liveness import EXIT_PEER_FAILED, RESTART_HINT
+    from megamod.parallel.liveness import EXIT_PEER_FAILED, RESTART_HINT, gist
     from megamod.train.signals import StopController
     from megamod.train.trainer import Trainer
 
@@ -133,7 +133,7 @@ def _train(cfg: Config, dims, device, heartbeat) -> int:
             if heartbeat.blamed_other:
                 heartbeat.stop(f"peer failure: {reason}")
                 print(f"megamod-train: error: [rank {dims.rank}] {reason}; this rank's collective failed "
-                      f"({type(e).__name__}: {_gist(e)}); {RESTART_HINT}", file=sys.stderr, flush=True)
+                      f"({type(e).__name__}: {gist(e)}); {RESTART_HINT}", file=sys.stderr, flush=True)
                 return EXIT_PEER_FAILED  # no destroy_process_group: it can hang on a broken peer
         heartbeat.stop(f"error: {type(e).__name__}: {e}")
         raise
@@ -155,12 +155,6 @@ def _exit_code(e: BaseException) -> int | None:
         if isinstance(e, types):
             return code
     return None
-
-
-def _gist(e: BaseException) -> str:
-    """The first sentence of an error, without the C++ source location gloo puts in front."""
-    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", str(e).strip())
-    return text.split(". ")[0].splitlines()[0][:200] if text else ""
 
 
 def _error(e: BaseException, code: int = 2) -> int:

@@ -102,23 +102,23 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def resume(self) -> None:
         c = self.cfg.checkpoint
-        tag = [ckpt.choose_resume_tag(self.ckpt_dir, c.verify, c.fallback, self.dims.group("control"))]
-        if tag[0] is None:
+        tag = ckpt.choose_resume_tag(self.ckpt_dir, c.verify, c.fallback, self.dims.group("control"))
+        if tag is None:
             return
-        saved = ckpt.read_meta(self.ckpt_dir, tag[0])["config"]["model"]
+        saved = ckpt.read_meta(self.ckpt_dir, tag)["config"]["model"]
         now = self.cfg.to_dict()["model"]
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
         if diff:
             flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
-            raise ckpt.CheckpointError(f"checkpoint {self.ckpt_dir}/{tag[0]} has another architecture: {flags}. "
+            raise ckpt.CheckpointError(f"checkpoint {self.ckpt_dir}/{tag} has another architecture: {flags}. "
                                        f"Use the checkpoint's model flags, or a new --train.run_dir")
-        self.state, ours = ckpt.load(self.engine, self.ckpt_dir, tag[0], grid=self.dims.sizes(), stage=self._stage)
+        self.state, ours = ckpt.load(self.engine, self.ckpt_dir, tag, grid=self.dims.sizes(), stage=self._stage)
         if "guard" in ours:
             self.guard.load_state_dict(ours["guard"])
         if self.pipeline is not None:
             self.pipeline.sync_tied_weights()
         if self.dims.rank == 0:
-            print(f"resumed from {self.ckpt_dir}/{tag[0]} at step {self.state.step}", flush=True)
+            print(f"resumed from {self.ckpt_dir}/{tag} at step {self.state.step}", flush=True)
 
     @property
     def _stage(self) -> int | None:
