@@ -150,7 +150,9 @@ class TrainConfig:
     collective_timeout_s: float = _f(600.0, "a collective that waits longer than this for a peer fails, and a rank "
                                      "whose heartbeat stops for this long is declared failed: the survivors exit "
                                      "non-zero naming it (gloo and NCCL; torchrun --max-restarts or a Slurm requeue "
-                                     "then resumes from the newest complete checkpoint)")
+                                     "then resumes from the newest complete checkpoint). Work one rank does while "
+                                     "the others wait must fit in it: a first-time sample index over a large corpus, "
+                                     "a checkpoint converted for another grid (Megatron's default is 10 minutes too)")
     max_consecutive_skips: int = _f(5, "stop with an error after this many optimizer steps in a row were skipped "
                                     "for a non-finite loss or gradient (or a loss spike); 0: never stop")
     spike_sigma: float = _f(0.0, "also skip a step when a micro-batch loss exceeds mean + spike_sigma·std of that "
