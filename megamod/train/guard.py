@@ -12,8 +12,10 @@ The decision reaches every rank without a host sync, through collectives the ste
   ZeRO 0: ``ClippingAdamW`` and ``MasterAdamW`` skip inside their kernels (``found_inf``; the
   step count is not advanced), with no host sync; ZeRO 1-3 in fp32 and bf16: DeepSpeed's ZeRO
   and BF16 optimizers see an invalid norm, drop the gradients and return, and the engine counts
-  ``skipped_steps`` and leaves the LR schedule where it was. (At ZeRO 0 DeepSpeed does not know,
-  so the LR schedule advances over a skipped step there; weights, moments and step counts do not.)
+  ``skipped_steps`` and leaves the LR schedule where it was (ZeRO 1-2 tested in
+  tests/faults/test_numerics.py; ZeRO 3 read in DeepSpeed 0.19.8's stage3.py, not tested). At
+  ZeRO 0 DeepSpeed does not know, so the LR schedule advances over a skipped step there;
+  weights, moments and step counts do not change.
 - ``after_step(norm)`` counts skips on the device (total, current run, longest run since the last
   check); ``check()`` reads them at log intervals, where the loop syncs anyway, and raises
   ``TooManySkips`` once ``train.max_consecutive_skips`` steps in a row were skipped. The counts
