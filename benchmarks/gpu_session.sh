@@ -14,8 +14,18 @@
 #   benchmarks/gpu_session.sh mod-ablate   -> mod_speed.py z0 mb8 with the in-step routing ablation (3 processes)
 #   benchmarks/gpu_session.sh engine2      -> train_throughput.py b,c,c1 (the fast trainer next to the old ZeRO-1 one)
 #   MB2B=4 GA2B=1 benchmarks/gpu_session.sh 2b -> train_throughput.py 2b (the 2b flavour through the trainer)
+#   benchmarks/gpu_session.sh cp           -> cp_attention.py: CP attention's per-rank work vs one device (issue #20)
+#   LONG_RUNS=moba:262144,dense:262144 benchmarks/gpu_session.sh long
+#                                          -> long_context.py: the 1b flavour at long sequences, MoBA vs dense (issue #21)
 #   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
 #                                             and mod_speed.py z0 mb8 x 2 with the in-step routing ablation
+#   benchmarks/gpu_session.sh generate     -> generate_speed.py: decode tokens/s MoD vs dense 1b (batch 1, 16; prompt 2K,
+#                                             256 new), MoBA vs dense at a 128K prompt (prefill, per-token decode)
+#   benchmarks/gpu_session.sh isoflop-data isoflop -> the sweep's corpus (examples/site_corpus.sh, ~2 min), then the
+#                                             unfinished runs of benchmarks/results/isoflop/h200.json in plan order
+#                                             until ISOFLOP_BUDGET_S (560) seconds of this call are used; results.csv
+#                                             and curves.csv (the committed ones plus this call's runs) in $OUT/isoflop
+#                                             (ISOFLOP_PIECES="1 2": only those pieces)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -74,6 +84,24 @@ for what in "$@"; do
                     > "$OUT/ncu_${k%%:*}.txt" 2>&1
                 grep -v "^==PROF==" "$OUT/ncu_${k%%:*}.txt" | grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Registers|Occupancy|Shared Memory|Block Limit|Pipe|L2|L1|DRAM" | head -60
             done ;;
+        generate) python3 benchmarks/generate_speed.py --json "$OUT/generate_speed.json" --md "$OUT/generate_speed.md" \
+            2>&1 | grep --line-buffered -v Warning | tee "$OUT/generate_speed.log" ;;
+        isoflop-data) bash examples/site_corpus.sh data 2>&1 | grep -v Warning | tee "$OUT/isoflop_data.log"
+            cp data/site_corpus.json "$OUT/" ;;
+        isoflop) mkdir -p "$OUT/isoflop"
+            cp benchmarks/results/isoflop/results.csv benchmarks/results/isoflop/curves.csv "$OUT/isoflop/" 2>/dev/null
+            python3 tools/isoflop.py run benchmarks/results/isoflop/h200.json --sweep-dir /tmp/isoflop-runs \
+                --table "$OUT/isoflop/results.csv" --time-limit $((${ISOFLOP_BUDGET_S:-560} - SECONDS)) \
+                ${ISOFLOP_PIECES:+--piece $ISOFLOP_PIECES} 2>&1 | tee "$OUT/isoflop/run.log"
+            for d in /tmp/isoflop-runs/*/; do  # each run's log and metrics (KBs), for a look at what happened
+                mkdir -p "$OUT/isoflop/runs/$(basename "$d")"
+                cp "$d"metrics.jsonl "$d"logs/isoflop.out "$OUT/isoflop/runs/$(basename "$d")/" 2>/dev/null
+            done ;;
+        cp) python3 benchmarks/cp_attention.py --json "$OUT/cp_attention.json" 2>&1 | grep --line-buffered -v Warning \
+            | tee "$OUT/cp_attention.log" ;;
+        long) python3 benchmarks/long_context.py --runs "${LONG_RUNS:-moba:262144,dense:262144}" \
+            --timeout "${LONG_TIMEOUT:-300}" --json "$OUT/long_context.json" 2>&1 | grep --line-buffered -v Warning \
+            | tee "$OUT/long_context.log" ;;
         *) echo "unknown: $what" ;;
     esac
 done

@@ -190,7 +190,7 @@ def bench_megamod_plain(args, device, compile_loss: bool = False, master: bool =
     from megamod.config import load_config
     from megamod.model.gpt import build_model, count_parameters
     from megamod.model.transforms import apply_compile
-    from megamod.parallel.parallelize import lm_loss
+    from megamod.parallel.loss import lm_loss
 
     cfg = load_config(None, ["--model.d_model", str(args.d), "--model.n_layers", str(args.layers), "--model.n_heads",
                              str(args.heads), "--model.n_kv_heads", str(args.heads), "--model.ffn_hidden", str(args.ffn),

@@ -8,12 +8,17 @@ Conventions (PaLM appendix B, and what torch.utils.flop_counter counts):
 - the input embedding is a lookup (0 FLOPs); the output projection is a matmul.
 Mixture-of-Depths: a routed block at capacity c runs its linears on c·S tokens and its
 attention on a (c·S)² square, plus the router (2d per token) and predictor (learned routing).
+MoBA (layers not kept dense by moba.full_attention_layers): each query attends to topk blocks of
+B keys (all S when S <= topk·B), counted as full blocks like the dense square, so 4·S·min(S,
+topk·B)·d; the gate scores every block, q·mean(K_block), 2·S·ceil(S/B)·d (the block means are
+elementwise). Inside a routed block both apply to its k selected tokens.
 """
 
 from __future__ import annotations
 
 from megamod.config import Config, ModelConfig
-from megamod.model.mod import capacity_tokens, predictor_hidden, routed_layers
+from megamod.model.gpt import moba_layers
+from megamod.model.mod import predictor_hidden, routed_layers, routed_tokens
 
 
 def block_linear_params(m: ModelConfig) -> int:
@@ -21,9 +26,10 @@ def block_linear_params(m: ModelConfig) -> int:
     return m.d_model * (m.d_model + 2 * kv) + m.d_model * m.d_model + 3 * m.d_model * m.ffn_hidden
 
 
-def mod_capacity_tokens(capacity: float, seq_len: int) -> int:
-    """k = max(1, floor(capacity · S)) tokens per sequence (DESIGN.md, MoD)."""
-    return capacity_tokens(capacity, seq_len)
+def mod_capacity_tokens(capacity: float, seq_len: int, window: int = 0) -> int:
+    """k tokens a routed block processes per sequence: max(1, floor(capacity · W)) per window of W
+    tokens (0: the whole sequence; DESIGN.md, MoD)."""
+    return routed_tokens(capacity, window, seq_len)
 
 
 def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
@@ -34,13 +40,22 @@ def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
     tokens = seq_len
     extra = 0
     if layer_id in routed_layers(cfg):
-        tokens = mod_capacity_tokens(cfg.mod.capacity, seq_len)
+        tokens = mod_capacity_tokens(cfg.mod.capacity, seq_len, cfg.mod.window)
         if cfg.mod.routing == "learned":
             extra = 2 * m.d_model * seq_len  # router r = wᵀx on every token
             if cfg.mod.predictor:
                 hidden = predictor_hidden(cfg.mod, m.d_model)
                 extra += 2 * seq_len * (m.d_model * hidden + hidden)  # d -> hidden -> 1
-    return 2 * tokens * block_linear_params(m) + 4 * tokens * tokens * m.d_model + extra
+    return 2 * tokens * block_linear_params(m) + attention_forward_flops(cfg, layer_id, tokens) + extra
+
+
+def attention_forward_flops(cfg: Config, layer_id: int, tokens: int) -> int:
+    """Scores and weighted sum (and MoBA's gate) of one layer over a sequence of ``tokens``."""
+    d = cfg.model.d_model
+    if layer_id not in moba_layers(cfg):
+        return 4 * tokens * tokens * d
+    b, topk = cfg.moba.chunk_size, cfg.moba.topk
+    return 4 * tokens * min(tokens, topk * b) * d + 2 * tokens * -(-tokens // b) * d
 
 
 def forward_flops_per_sequence(cfg: Config, seq_len: int | None = None) -> int:

@@ -69,6 +69,28 @@ def capacity_tokens(capacity: float, seq_len: int) -> int:
     return max(1, math.floor(capacity * seq_len))
 
 
+def routed_tokens(capacity: float, window: int, seq_len: int) -> int:
+    """Tokens a routed block processes per sequence: k = max(1, floor(capacity · W)) per window of
+    W = window tokens (0: the whole sequence), S / W windows."""
+    w = window or seq_len
+    return seq_len // w * capacity_tokens(capacity, w)
+
+
+def topk_in_windows(scores: torch.Tensor, capacity: float, window: int) -> torch.Tensor:
+    """scores (B, S) -> (B, S/W · k) positions: the top k = max(1, floor(capacity · W)) of every
+    window of W consecutive tokens (W = window, 0: the whole sequence), ascending. The same W
+    gives the same choice wherever the windows are cut out of the sequence (context parallelism
+    routes the windows each rank holds)."""
+    b, s = scores.shape
+    w = window or s
+    k = capacity_tokens(capacity, w)
+    if w == s:
+        return topk_positions(scores, k)
+    idx = topk_positions(scores.reshape(b * (s // w), w), k)  # (B·S/W, k) inside each window
+    offsets = torch.arange(0, s, w, device=scores.device).repeat(b)[:, None]  # each window's first position
+    return (idx + offsets).reshape(b, -1)
+
+
 def predictor_hidden(mod: ModConfig, d_model: int) -> int:
     """mod.predictor_hidden, or d/8 when it is 0."""
     return mod.predictor_hidden or max(1, d_model // 8)
@@ -134,7 +156,7 @@ class RoutedBlock(Block):
 
     def __init__(self, cfg: ModelConfig, inner_attention: nn.Module, mod: ModConfig) -> None:
         super().__init__(cfg, inner_attention)
-        self.capacity = mod.capacity
+        self.capacity, self.window = mod.capacity, mod.window
         self.gate = mod.gate
         self.aux_loss_weight = mod.aux_loss_weight
         learned = mod.routing == "learned"
@@ -180,13 +202,21 @@ class RoutedBlock(Block):
         if kv is not None:
             raise RuntimeError("KV-cache decoding needs causal routing: set_routing(model, 'causal')")
         scores = self.scores(x)  # (B, S, n)
-        # k from the scores' length: the whole sequence even where x holds a shard of it (SP).
-        idx = topk_positions(scores[..., 0], capacity_tokens(self.capacity, scores.shape[1]))  # (B, k)
+        idx, valid, member = self.select(scores)  # (B, k) positions; which rows are real; top-k membership
         # Causal attention over the compacted tokens, in original order, is causal by original
         # position; RoPE rotates them by their original positions.
         f = self.residual(self.take(x, idx), _rows(cos, idx), _rows(sin, idx))  # (B, k, d)
-        out = self.put(x, idx, self._gated(scores, idx, f))
-        return self._losses_and_stats(out, scores, idx)
+        out = self.put(x, idx, self._gated(scores, idx, f), valid)
+        return self._losses_and_stats(out, scores, member, idx, valid)
+
+    def select(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The top-k seam: (idx (B, k) positions to process, ascending; valid (B, k) or None when
+        every row is real; top-k membership (B, S) float, the router BCE's target). k from the
+        scores' length: the whole sequence even where x holds a shard of it (SP). Context
+        parallelism's global mode replaces this (parallel/routed_cp.py)."""
+        idx = topk_in_windows(scores[..., 0], self.capacity, self.window)
+        b, s = scores.shape[:2]
+        return idx, None, torch.zeros(b, s, device=scores.device).scatter_(1, idx, 1.0)
 
     def _gated(self, scores: torch.Tensor, idx: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """g(r)·f: multiplying by the router logit is what puts the router on the LM loss's
@@ -200,11 +230,12 @@ class RoutedBlock(Block):
     def _causal_logit(self, scores: torch.Tensor) -> torch.Tensor:
         return scores[..., 1] if self.predictor is not None else scores[..., 0]  # (B, S)
 
-    def _losses_and_stats(self, out: torch.Tensor, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        b, s = scores.shape[:2]
-        target = torch.zeros(b, s, device=scores.device).scatter_(1, idx, 1.0)  # top-k membership
+    def _losses_and_stats(self, out: torch.Tensor, scores: torch.Tensor, target: torch.Tensor, idx: torch.Tensor,
+                          valid: torch.Tensor | None = None) -> torch.Tensor:
+        """target: top-k membership (B, S); valid: which rows of idx were processed (None: all)."""
+        processed = target if valid is None else torch.zeros_like(target).scatter_(1, idx, valid.float())
         if self.router is None:
-            self._record(scores, target, target, None, None)
+            self._record(scores, processed, target, None, None)
             return out
         r = scores[..., 0]
         router_bce = F.binary_cross_entropy_with_logits(r, target)
@@ -218,7 +249,7 @@ class RoutedBlock(Block):
                 aux = predictor_bce if aux is None else aux + predictor_bce
             if aux is not None:
                 out = AuxLossInjection.apply(out, aux, self.aux_loss_scale)
-        self._record(scores, target, target, router_bce, predictor_bce)
+        self._record(scores, processed, target, router_bce, predictor_bce)
         return out
 
     def _forward_causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv) -> torch.Tensor:
@@ -239,9 +270,10 @@ class RoutedBlock(Block):
             out = self.put(x, idx, self._gated(scores, idx, f), valid)
         else:
             out = x  # nothing routed in: the block is skipped (and its cache is untouched)
-        target = torch.zeros(b, s, device=x.device).scatter_(1, topk_positions(scores[..., 0],
-                                                             capacity_tokens(self.capacity, s)), 1.0)
-        self._record(scores, chosen.float(), target, None, None)
+        if kv is None:  # evaluation's statistics; decoding keeps none (kernels a skipped block would launch)
+            target = torch.zeros(b, s, device=x.device).scatter_(1, topk_in_windows(scores[..., 0], self.capacity,
+                                                                                    self.window), 1.0)
+            self._record(scores, chosen.float(), target, None, None)
         return out
 
     # ---- statistics (device tensors until log time) ------------------------------------------------

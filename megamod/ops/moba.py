@@ -44,6 +44,7 @@ __all__ = [
     "moba_attn_varlen_gather",
     "moba_attn_varlen_reference",
     "moba_select_blocks",
+    "select_blocks_at",
 ]
 
 
@@ -131,29 +132,42 @@ def moba_select_blocks(q: Tensor, k: Tensor, cu_seqlens: Tensor, moba_chunk_size
 
     Ties: lower block index wins (stable descending sort). Slots are in descending-score order.
     """
-    H, Hkv = q.shape[1], k.shape[1]
-    KS = moba_topk - 1
     lay = _block_layout(cu_seqlens, moba_chunk_size, q.device)
+    means = _block_means(k, lay) if moba_topk > 1 else None  # [NB, Hkv, D]
+    zero = torch.zeros(len(cu_seqlens) - 1, dtype=torch.long)
+    return select_blocks_at(q, means, cu_seqlens, zero, lay["blk_first"].cpu(), moba_chunk_size, moba_topk)
+
+
+@torch.no_grad()
+def select_blocks_at(q: Tensor, means: Tensor | None, cu_seqlens: Tensor, pos0: Tensor, blk_first: Tensor,
+                     moba_chunk_size: int, moba_topk: int) -> Tensor:
+    """The gate for runs of queries that need not start a sequence (context parallelism holds
+    chunks of one): [T, H, KS] int64 ids into ``means`` of the past blocks each query picks, -1
+    where none, slots in descending-score order.
+
+    Run n is rows cu_seqlens[n]:cu_seqlens[n+1] of q at positions pos0[n], pos0[n] + 1, ... of
+    its sequence, whose blocks are means[blk_first[n] + i] ([NB, Hkv, D] fp32 block means of K);
+    block i competes for the query at position t iff (i + 1)·B <= t. Ties: lower index wins.
+    """
+    H = q.shape[1]
+    KS = moba_topk - 1
     sel = torch.full((q.shape[0], H, max(KS, 0)), -1, dtype=torch.long, device=q.device)
     if KS == 0:
         return sel
-    means = _block_means(k, lay)  # [NB, Hkv, D]
-    if H > Hkv:
-        means = means.repeat_interleave(H // Hkv, dim=1)  # [NB, H, D] (GQA: expand for gating)
-    cu = cu_seqlens.tolist()
-    nblk, blk_first = lay["nblk"].tolist(), lay["blk_first"].tolist()
-    for n in range(len(cu) - 1):
-        s, e, nb, b0 = cu[n], cu[n + 1], nblk[n], blk_first[n]
-        if nb < 2:
-            continue  # one block: nothing competes
+    if H > means.shape[1]:
+        means = means.repeat_interleave(H // means.shape[1], dim=1)  # [NB, H, D] (GQA: expand for gating)
+    for n, (s, e) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+        p0, b0 = int(pos0[n]), int(blk_first[n])
+        own = (p0 + torch.arange(e - s, device=q.device)) // moba_chunk_size  # [L] own block of each query
+        nb = int(own[-1]) if e > s else 0  # blocks 0 .. nb-1 compete for the last query
+        if nb < 1:
+            continue
         scores = torch.einsum("lhd,jhd->lhj", q[s:e].float(), means[b0 : b0 + nb])  # [L, H, nb]
-        own = (torch.arange(e - s, device=q.device) // moba_chunk_size)[:, None, None]  # [L,1,1]
-        elig = torch.arange(nb, device=q.device)[None, None, :] < own  # (i+1)B <= t  <=>  i < t//B
+        elig = torch.arange(nb, device=q.device)[None, None, :] < own[:, None, None]  # (i+1)B <= t <=> i < t//B
         scores = scores.masked_fill(~elig, float("-inf"))
         vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
         kk = min(KS, nb)
-        picked = torch.where(vals[..., :kk] > float("-inf"), idx[..., :kk] + b0, -1)
-        sel[s:e, :, :kk] = picked
+        sel[s:e, :, :kk] = torch.where(vals[..., :kk] > float("-inf"), idx[..., :kk] + b0, -1)
     return sel
 
 

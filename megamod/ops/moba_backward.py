@@ -181,9 +181,10 @@ def _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, tok0, row0, m_lo, m_hi, offs
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK_LEN, H, NBT, NKT,
                  KS, qk_scale, sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, G, D,
                  BLOCK_D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
-                 EVEN_D: tl.constexpr, ROW64: tl.constexpr):
-    """dK, dV of BN keys of block g for kv head hk: own-block queries (causal), then every
-    segment (slot s, head h, block g) of queries that picked g, for the G query heads of hk."""
+                 EVEN_D: tl.constexpr, ROW64: tl.constexpr, OWN: tl.constexpr):
+    """dK, dV of BN keys of block g for kv head hk: own-block queries (causal; unless OWN is off:
+    blocks that are only ever picked, moba_pieces_triton), then every segment (slot s, head h,
+    block g) of queries that picked g, for the G query heads of hk."""
     pid = tl.program_id(0)
     g = pid // NKT
     n_lo = (pid % NKT) * BN
@@ -202,13 +203,13 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK
     dv = tl.zeros([BN, BLOCK_D], tl.float32)
     for hh in range(G):
         h = hk * G + hh
-        # own block: rows on the diagonal (masked), then the later rows of the block
-        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo, tl.minimum(n_lo + BN, blen),
-                           offs_n, h, stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, True, PREC,
-                           EVEN_D, ROW64)
-        dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo + BN, blen, offs_n, h,
-                           stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, False, PREC, EVEN_D,
-                           ROW64)
+        if OWN:  # own block: rows on the diagonal (masked), then the later rows of the block
+            dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo, tl.minimum(n_lo + BN, blen),
+                               offs_n, h, stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, True, PREC,
+                               EVEN_D, ROW64)
+            dk, dv = _kv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, TOK, 0, start, n_lo + BN, blen, offs_n, h,
+                               stride_qt, stride_qh, stride_lt, offs_d, D, qk_scale, BM, False, False, PREC, EVEN_D,
+                               ROW64)
         # all slots of (h, g) are one contiguous run of the sorted entries
         lo = tl.load(SEG_START + (h * NBT + g) * KS)
         hi = tl.load(SEG_START + (h * NBT + g) * KS + KS)
@@ -257,32 +258,50 @@ def _backward(q, k, v, out, lse2, dout, dlse, plan, cfg):
         ALIGNED=B % BM == 0 and BM % BN == 0, HAS_PAST=KS > 0, HAS_DLSE=has_dlse,
         PREC=prec, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
     if KS > 0:
-        tiles = _tiles(plan, BM)
-        desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg["dq_tma"])
-        for s in range(KS):
-            _dq_past_kernel[(tiles["UB"],)](
-                q, k, v, desc_k, desc_v, dout, lse2, delta, dq32, dq, plan["tok"], plan["seg_bounds"],
-                tiles["tile_seg"],
-                tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, qk_scale,
-                sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, CHUNK=B,
-                BLOCK_D=BLOCK_D, BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1, PREC=prec, TMA=tma,
-                num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+        _dq_past(q, k, v, dout, lse2, delta, dq32, dq, plan, cfg)
     del dq32
     # dK, dV: one program per (block, key tile, kv head); in Gluon on Hopper (moba_gluon)
     tok, bounds = (plan["tok"], plan["seg_bounds"]) if KS > 0 else (plan["blk_len"], plan["blk_len"])
+    dk, dv = _dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, cfg, own=True)
+    return dq, dk, dv
+
+
+def _dq_past(q, k, v, dout, lse2, delta, dq32, dq, plan, cfg):
+    """dQ slot passes 0 .. KS-1 into the fp32 rows dq32 (written before), the last writing dq."""
+    T, H, D = q.shape
+    KS, B, NBT = plan["KS"], plan["B"], plan["NBT"]
+    sm_scale = D**-0.5
+    BM, BN = cfg["dq_bm"], cfg["dq_bn"]
+    tiles = _tiles(plan, BM)
+    desc_k, desc_v, tma = _kv_descriptors(k, v, B, BN, cfg["dq_tma"])
+    for s in range(KS):
+        _dq_past_kernel[(tiles["UB"],)](
+            q, k, v, desc_k, desc_v, dout, lse2, delta, dq32, dq, plan["tok"], plan["seg_bounds"], tiles["tile_seg"],
+            tiles["tile_first"], tiles["pass_lo"], plan["blk_start"], s, KS, NBT, sm_scale * LOG2E, sm_scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), H // plan["Hkv"], D, CHUNK=B,
+            BLOCK_D=triton.next_power_of_2(D), BM=BM, BN=BN, EVEN=B % BN == 0, LAST=s == KS - 1,
+            PREC=_prec(q.dtype), TMA=tma, num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+
+
+def _dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, cfg, own: bool):
+    """dk, dv of every block of the plan's table (own: its own-block queries too)."""
+    T, H, D = q.shape
+    Hkv, KS, B, NBT = plan["Hkv"], plan["KS"], plan["B"], plan["NBT"]
+    sm_scale = D**-0.5
+    qk_scale = sm_scale * LOG2E
     if cfg["kv_impl"] == "gluon" and q.is_cuda:  # (Gluon is imported on the GPU only)
         gluon_kv = _moba_gluon()
         if gluon_kv is not None and gluon_kv.supported(q, k, tok):
-            dk, dv = gluon_kv.dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale)
-            return dq, dk, dv
+            return gluon_kv.dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale, own=own)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     BM, BN = cfg["kv_bm"], cfg["kv_bn"]
     assert BN % BM == 0, "kv_bn must be a multiple of kv_bm (the diagonal loop covers BN rows)"
     NKT = _cdiv(B, BN)
+    BLOCK_D = triton.next_power_of_2(D)
     _dkdv_kernel[(NBT * NKT, Hkv)](
         q, k, v, dout, lse2, delta, dk, dv, tok, bounds,
         plan["blk_start"], plan["blk_len"], H, NBT, NKT, KS, qk_scale, sm_scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), G, D, BLOCK_D=BLOCK_D, BM=BM, BN=BN,
-        PREC=prec, EVEN_D=D == BLOCK_D, ROW64=max(q.numel(), tok.numel()) > 2**31,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), H // Hkv, D, BLOCK_D=BLOCK_D, BM=BM,
+        BN=BN, PREC=_prec(q.dtype), EVEN_D=D == BLOCK_D, ROW64=max(q.numel(), tok.numel()) > 2**31, OWN=own,
         num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
-    return dq, dk, dv
+    return dk, dv

@@ -125,9 +125,10 @@ def _kv_loop(dk, dv, k_s, v_s, q_s, do_s, l_s, d_s, Q, DO, LSE, DELTA, TOK, tok0
 @gluon.jit
 def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_START, BLK_LEN, NBT, NKT, KS, qk_scale,
                        sm_scale, stride_qt, stride_qh, stride_kt, stride_kh, stride_lt, G, D: gl.constexpr,
-                       BM: gl.constexpr, BN: gl.constexpr, TPW_D: gl.constexpr, num_warps: gl.constexpr):
-    """dK, dV of BN keys of block g for kv head hk (moba_backward._dkdv_kernel's contract; bf16,
-    int32 offsets)."""
+                       BM: gl.constexpr, BN: gl.constexpr, TPW_D: gl.constexpr, OWN: gl.constexpr,
+                       num_warps: gl.constexpr):
+    """dK, dV of BN keys of block g for kv head hk (moba_backward._dkdv_kernel's contract, OWN
+    included; bf16, int32 offsets)."""
     pid = gl.program_id(0)
     g = pid // NKT
     n_lo = (pid % NKT) * BN
@@ -162,13 +163,13 @@ def _dkdv_gluon_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TOK, SEG_START, BLK_STAR
         dv = gl.zeros([BN, D], gl.float32, MMA_D)
         for hh in range(G):
             h = hk * G + hh
-            # own block: rows on the diagonal (masked), then the later rows of the block
-            dk, dv = _kv_loop(dk, dv, k_s, v_s, q_s, do_s, l_s, d_s, Q, DO, LSE, DELTA, TOK, 0, start, n_lo,
-                              gl.minimum(n_lo + BN, blen), offs_n, h, stride_qt, stride_qh, stride_lt, qk_scale, BM, D,
-                              False, True, LD, MMA_S, A_OP)
-            dk, dv = _kv_loop(dk, dv, k_s, v_s, q_s, do_s, l_s, d_s, Q, DO, LSE, DELTA, TOK, 0, start, n_lo + BN, blen,
-                              offs_n, h, stride_qt, stride_qh, stride_lt, qk_scale, BM, D, False, False, LD, MMA_S,
-                              A_OP)
+            if OWN:  # own block: rows on the diagonal (masked), then the later rows of the block
+                dk, dv = _kv_loop(dk, dv, k_s, v_s, q_s, do_s, l_s, d_s, Q, DO, LSE, DELTA, TOK, 0, start, n_lo,
+                                  gl.minimum(n_lo + BN, blen), offs_n, h, stride_qt, stride_qh, stride_lt, qk_scale,
+                                  BM, D, False, True, LD, MMA_S, A_OP)
+                dk, dv = _kv_loop(dk, dv, k_s, v_s, q_s, do_s, l_s, d_s, Q, DO, LSE, DELTA, TOK, 0, start, n_lo + BN,
+                                  blen, offs_n, h, stride_qt, stride_qh, stride_lt, qk_scale, BM, D, False, False, LD,
+                                  MMA_S, A_OP)
             # all slots of (h, g) are one contiguous run of the sorted entries
             lo = gl.load(SEG_START + (h * NBT + g) * KS)
             hi = gl.load(SEG_START + (h * NBT + g) * KS + KS)
@@ -189,8 +190,8 @@ def supported(q: torch.Tensor, k: torch.Tensor, tok: torch.Tensor) -> bool:
             and q.shape[-1] in (64, 128) and max(q.numel(), k.numel(), tok.numel()) <= 2**31)
 
 
-def dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale):
-    """dk, dv (as moba_backward._backward's Triton kernel computes them)."""
+def dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale, own: bool = True):
+    """dk, dv (as moba_backward._backward's Triton kernel computes them; own: with the own-block queries)."""
     T, H, D = q.shape
     Hkv = k.shape[1]
     NKT = _cdiv(plan["B"], BN)
@@ -198,5 +199,5 @@ def dkdv(q, k, v, dout, lse2, delta, plan, tok, bounds, qk_scale, sm_scale):
     _dkdv_gluon_kernel[(plan["NBT"] * NKT, Hkv)](
         q, k, v, dout, lse2, delta, dk, dv, tok, bounds, plan["blk_start"], plan["blk_len"], plan["NBT"], NKT,
         plan["KS"], qk_scale, sm_scale, q.stride(0), q.stride(1), k.stride(0), k.stride(1), lse2.stride(0), H // Hkv,
-        D=D, BM=BM, BN=BN, TPW_D=D // 8, num_warps=NUM_WARPS)
+        D=D, BM=BM, BN=BN, TPW_D=D // 8, OWN=own, num_warps=NUM_WARPS)
     return dk, dv

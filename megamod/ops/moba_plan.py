@@ -178,10 +178,10 @@ def _block_mean_kernel(K, MEAN, BLK_START, BLK_LEN, stride_kt, stride_kh, stride
 
 
 @triton.jit
-def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, stride_mh, stride_mp, stride_st,
+def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, POS0, stride_qt, stride_qh, stride_mg, stride_mh, stride_mp, stride_st,
                  stride_sh, G, D, NBT, CHUNK: tl.constexpr, KS: tl.constexpr, KSP: tl.constexpr,
                  BLOCK_D: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr, DC: tl.constexpr,
-                 PREC: tl.constexpr, KEY: tl.constexpr):
+                 PREC: tl.constexpr, KEY: tl.constexpr, HAS_POS0: tl.constexpr):
     """PREC "fma": exact fp32 products and sums on the CUDA cores, DC dims at a time (tl.dot with
     "ieee" keeps whole rows in registers and spills). "tf32x3"/"bf16x3": tensor cores with fp32
     operands split in three, fp32 accumulation (error ~1e-6 relative). "bf16split" (bf16 q only):
@@ -194,11 +194,15 @@ def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, s
     Slot order (the slot passes rely on it): a row with p < KS picks holds them in the LAST p
     slots, because an empty slot is filled from the highest column down and a filled slot never
     empties. p = min(KS, t // CHUNK) for the row at position t: every competing block is picked
-    when fewer than KS compete (scores are finite)."""
+    when fewer than KS compete (scores are finite).
+
+    HAS_POS0 (context parallelism: a run of queries that starts inside its sequence): run n's
+    queries sit at positions POS0[n] + i of the sequence whose block means start at BLK_FIRST[n]."""
     n, h, s0, L, m0, pos, rows = _query_tile(CU, BM)
     if m0 >= L:
         return
-    own = pos // CHUNK  # block j competes for row r iff j < own[r]  ((j+1)B <= t)
+    p0 = tl.load(POS0 + n) if HAS_POS0 else 0
+    own = (pos + p0) // CHUNK  # block j competes for row r iff j < own[r]  ((j+1)B <= t)
     offs_d = tl.arange(0, BLOCK_D)
     qrow = Q + rows * stride_qt + h * stride_qh  # [BM] row pointers
     if PREC != "fma":
@@ -206,7 +210,7 @@ def _gate_kernel(Q, MEAN, SEL, CU, BLK_FIRST, stride_qt, stride_qh, stride_mg, s
         if PREC != "bf16split":  # bf16split multiplies q as loaded (exact in bf16)
             q = q.to(tl.float32)
     b0 = tl.load(BLK_FIRST + n)
-    nc = (tl.minimum(L, m0 + BM) - 1) // CHUNK  # blocks 0..nc-1 compete for some row
+    nc = (tl.minimum(L, m0 + BM) - 1 + p0) // CHUNK  # blocks 0..nc-1 compete for some row
     cols = tl.arange(0, KSP)
     # running top-KS per row; padding columns hold +inf so they are never the minimum
     topv = tl.where(cols[None, :] < KS, float("-inf"), float("inf")) + tl.zeros([BM, KSP], tl.float32)
@@ -335,7 +339,7 @@ def _gate(q, k, plan, cfg, key=False):
     """[T, H, KS] int32 picks of the Triton gate (global block ids, -1 = none), or with key the
     sort keys of the entries (see _gate_kernel)."""
     T, H, D = q.shape
-    Hkv, N, KS, B, NBT = plan["Hkv"], plan["N"], plan["KS"], plan["B"], plan["NBT"]
+    Hkv, KS, B, NBT = plan["Hkv"], plan["KS"], plan["B"], plan["NBT"]
     BLOCK_D = triton.next_power_of_2(D)
     prec = gate_precision(cfg, q.dtype)
     split = prec == "bf16split"
@@ -346,11 +350,18 @@ def _gate(q, k, plan, cfg, key=False):
     _block_mean_kernel[(NBT, Hkv)](k, mean, plan["blk_start"], plan["blk_len"], k.stride(0), k.stride(1),
                                    mean.stride(0), mean.stride(1), stride_mp, D, BLOCK_D=BLOCK_D, BR=32, SPLIT=split)
     sel = torch.empty(T, H, KS, dtype=torch.int32, device=q.device)
-    _gate_kernel[(_cdiv(plan["max_seqlen"], cfg["gate_bm"]), N, H)](
-        q, mean, sel, plan["cu"], plan["blk_first"], q.stride(0), q.stride(1), mean.stride(0),
-        mean.stride(1), stride_mp, sel.stride(0), sel.stride(1), H // Hkv, D, NBT, CHUNK=B, KS=KS,
-        KSP=triton.next_power_of_2(KS), BLOCK_D=BLOCK_D, BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
-        DC=cfg["gate_dc"], PREC=prec, KEY=key, num_warps=cfg["gate_warps"],
+    return _launch_gate(q, mean, stride_mp, sel, plan["cu"], plan["blk_first"], None, plan["max_seqlen"], NBT, B, KS,
+                        prec, key, cfg)
+
+
+def _launch_gate(q, mean, stride_mp, sel, cu, blk_first, pos0, max_seqlen, NBT, B, KS, prec, key, cfg):
+    """_gate_kernel over the runs of cu (pos0: their first positions, or None for sequence starts)."""
+    T, H, D = q.shape
+    _gate_kernel[(_cdiv(max_seqlen, cfg["gate_bm"]), cu.numel() - 1, H)](
+        q, mean, sel, cu, blk_first, cu if pos0 is None else pos0, q.stride(0), q.stride(1), mean.stride(0),
+        mean.stride(1), stride_mp, sel.stride(0), sel.stride(1), H // mean.shape[1], D, NBT, CHUNK=B, KS=KS,
+        KSP=triton.next_power_of_2(KS), BLOCK_D=triton.next_power_of_2(D), BM=cfg["gate_bm"], NBLK=cfg["gate_nblk"],
+        DC=cfg["gate_dc"], PREC=prec, KEY=key, HAS_POS0=pos0 is not None, num_warps=cfg["gate_warps"],
         num_stages=cfg.get("gate_stages", 3))  # 3: Triton's default, what configs without the key used
     return sel
 

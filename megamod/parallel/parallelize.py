@@ -8,52 +8,23 @@ Order: tensor parallelism (swap linears/embedding, sequence-parallel regions) ->
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable
-
-import torch
-import torch.nn.functional as F
-
 from megamod.config import Config
 from megamod.model.gpt import GPT
+from megamod.parallel.context import apply_cp
 from megamod.parallel.dims import ParallelDims
 from megamod.parallel.pipeline import apply_pp
 from megamod.parallel.tensor import apply_tp, universal_checkpoint_info
-from megamod.parallel.tp_layers import vocab_parallel_cross_entropy
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over (B, S), in fp32 whatever the logits' dtype."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def vocab_parallel_lm_loss(logits: torch.Tensor, targets: torch.Tensor, group) -> torch.Tensor:
-    """``lm_loss`` for logits (B, S, V/tp) sharded by vocabulary over ``group``: same value on
-    every TP rank, and the full (B, S, V) logits never exist anywhere."""
-    return vocab_parallel_cross_entropy(logits, targets, group).mean()
-
 
 def parallelize_model(model: GPT, cfg: Config, dims: ParallelDims) -> None:
     """In-place, on the meta device. Degree-1 dimensions are no-ops."""
-    if dims.cp > 1:
-        raise NotImplementedError(
-            f"context parallelism is not implemented yet; got cp={dims.cp} (set --parallel.cp 1; tensor, "
-            f"pipeline and data parallelism are supported)")
     # 1. Tensor parallelism (+ sequence parallelism): swap linears/embedding for sharded ones.
     apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
     # 2. Pipeline split: keep this stage's blocks (same names), embedding first, output last.
     apply_pp(model, cfg, dims)
+    # 3. Context parallelism: every inner attention (dense or MoBA) becomes its CP version.
+    apply_cp(model, dims, cfg)
     # How each parameter this rank holds is split, saved with every checkpoint (at tp=1 too), so
     # DeepSpeed's ds_to_universal can merge TP slices and a run can resume at another TP degree.
     # (Names only: the same before and after the swap; after the split, so a stage's patterns
     # name only its own parameters, which ds_to_universal's strict mode requires.)
     model.universal_checkpoint_info = universal_checkpoint_info(model)
-
-
-def build_loss_fn(cfg: Config, dims: ParallelDims) -> LossFn:
-    """The loss matching the output layer's sharding (vocab-parallel under TP), chosen once."""
-    if dims.tp > 1:
-        return partial(vocab_parallel_lm_loss, group=dims.group("tp"))
-    return lm_loss

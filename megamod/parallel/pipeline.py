@@ -18,7 +18,7 @@ against DeepSpeed 0.19.8's source and tried on CPU/gloo):
 The schedule (Narayanan et al. 2021, PipeDream-flush "1F1B"; Megatron's non-interleaved one):
 stage s runs ``pp - s - 1`` warm-up forwards, then alternates one forward and one backward, then
 drains the remaining backwards, so at most ``pp - s`` micro-batches hold activations. Stages pass
-one tensor (B, S, d) — (B, S/tp, d) under sequence parallelism — to the same TP/DP coordinates of
+one tensor (B, S, d) — S/cp under context parallelism, /tp under sequence parallelism — to the same TP/DP coordinates of
 the next stage; sends and receives that face each other are posted together so blocking
 transports cannot deadlock. MoD's auxiliary losses stay inside their stage (``AuxLossInjection``
 adds their gradient in the block's backward), so nothing else crosses stages.
@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from megamod.config import Config
 from megamod.model.gpt import GPT
+from megamod.parallel.context import shard_batch, zigzag_positions
 from megamod.parallel.dims import ParallelDims
 from megamod.model.flops import layer_forward_flops
 
@@ -170,8 +171,10 @@ class PipelineSchedule:
         self.first_rank, self.last_rank = peer(0), peer(dims.pp - 1)
         t, m = cfg.train, cfg.model
         sp = dims.tp if cfg.parallel.sequence_parallel else 1
-        self.act_shape = (t.micro_batch_size, t.seq_len // sp, m.d_model)  # (B, S/tp under SP, d)
-        self.positions = torch.arange(t.seq_len, device=device)  # RoPE needs them: stages get hidden states
+        self.act_shape = (t.micro_batch_size, t.seq_len // dims.cp // sp, m.d_model)  # (B, S/cp, /tp under SP, d)
+        self.cp, self.cp_rank = dims.cp, c["cp"]
+        # RoPE needs positions (stages get hidden states): under CP this rank's zigzag positions
+        self.positions = zigzag_positions(t.seq_len, dims.cp, c["cp"], device=device)
         self.grad_accum = t.grad_accum
         self.tied = cfg.model.tie_embeddings
         self.guard_loss = lambda loss: loss  # the trainer's step guard (train/guard.py) wraps the last stage's loss
@@ -222,13 +225,14 @@ class PipelineSchedule:
         """x: the received activation (None on stage 0, which reads the tokens). Returns the
         stage's input leaf (for its gradient) and its output: hidden states, or the loss on the
         last stage."""
+        tokens, targets, _ = shard_batch(batch, self.cp, self.cp_rank)  # (B, S/cp) each
         if self.is_first:
-            x = batch[:, :-1]  # (B, S) tokens
+            x = tokens
         elif grad:
             x.requires_grad_(True)
         out = self.engine(x, self.positions)
         if self.is_last:
-            out = self.loss_fn(out, batch[:, 1:])
+            out = self.loss_fn(out, targets)
         return x, out
 
     def _backward(self, x: torch.Tensor, out: torch.Tensor, g: torch.Tensor | None,

@@ -31,19 +31,27 @@ group, see parallel/dims.py; Z = dp when cp = 1):
     stage 2: optimizer, gradients / Z stage 3: optimizer, gradients, weights / Z
 
 Activations per block and micro-batch (Korthikanti et al. 2022, "Reducing Activation
-Recomputation in Large Transformer Models", Table 2), s = train.seq_len, b = micro_batch_size,
-h = d_model, a = n_heads, t = tp, in bytes (bf16, so they are an upper bound: megamod has no
-dropout masks, and flash SDPA does not keep the 5·a·s/h softmax term):
+Recomputation in Large Transformer Models", Table 2) on the s = train.seq_len / cp tokens a rank
+holds, b = micro_batch_size, h = d_model, t = tp, in bytes (bf16, an upper bound: megamod has no
+dropout masks). The paper's softmax term 5·a·s²·b is left out: every attention path here is fused
+(SDPA's flash/cuDNN kernels, the MoBA kernels) and keeps O(s) statistics, not the s × s scores.
 
-    TP, no SP, no recompute:              s·b·h·(10 + 24/t + 5·a·s/(h·t))
-    TP + sequence parallel:               s·b·h·(34 + 5·a·s/h)/t
-    full activation checkpointing:        2·s·b·h (the block input; /t under SP, where it is sharded)
+    TP, no SP, no recompute:              s·b·h·(10 + 24/t)
+    TP + sequence parallel:               s·b·h·34/t
+    full activation checkpointing:        2·s·b·h per block (its input; /t under SP) + one block's
+                                          activations as above while it is recomputed
 
 A MoD routed block runs on k = capacity·s tokens: the formula at s = k, plus the full-length
 block input 2·s·b·h (/t under SP) it keeps for the scatter back. A stage holds its blocks'
 activations for the micro-batches in flight under 1F1B: min(pp − stage, grad_accum), so pp on
-stage 0 when grad_accum >= pp. Context parallelism divides the total by cp. Not counted: logits
-(≈ 4·s·b·V/t bytes on the last stage), temporary buffers, communication buffers, fragmentation.
+stage 0 when grad_accum >= pp.
+
+Also counted, per rank: the logits on the last stage, s·b·V/t·(2 + 4) bytes (bf16 logits and the
+loss's fp32 upcast; with train.loss_chunk_tokens N, N·V/t·(2 + 4)), and under context parallelism the K/V transient of one layer: the
+all-gathered K and V of the whole sequence, S·b·Hkv/t·D·2 each in bf16, their fp32 gradients in
+the backward, and for GQA the heads repeated after the transfer in dense layers
+(S·b·H/t·D·2 each); S = train.seq_len here. Not counted: temporary buffers, communication
+buffers, fragmentation.
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ import fnmatch
 from dataclasses import dataclass
 
 from megamod.config import Config, resolve_dp
-from megamod.model.mod import capacity_tokens, routed_layers
+from megamod.model.mod import routed_layers, routed_tokens
 from megamod.parallel.pipeline import output_flops, stage_flops, stage_layers, stage_split  # noqa: F401 (re-exported)
 
 GIB = 2 ** 30
@@ -121,31 +129,51 @@ def stage_parameters(cfg: Config, stages: list[list[int]]) -> list[int]:
 
 def activation_formula(cfg: Config) -> str:
     p = cfg.parallel
+    base = "s·b·h·34/t (TP + sequence parallel)" if p.sequence_parallel else "s·b·h·(10 + 24/t)"
     if cfg.train.activation_checkpointing:
         sharded = "/t" if p.sequence_parallel else ""
-        return f"2·s·b·h{sharded} (full activation checkpointing: block input only)"
-    if p.sequence_parallel:
-        return "s·b·h·(34 + 5·a·s/h)/t (TP + sequence parallel, no recompute)"
-    return "s·b·h·(10 + 24/t + 5·a·s/(h·t)) (TP without sequence parallel, no recompute)"
+        return f"2·s·b·h{sharded} per block (full activation checkpointing: its input) + one block's {base}"
+    return f"{base} (no recompute)"
+
+
+def _korthikanti(cfg: Config, s: int) -> float:
+    """One block's activations on s tokens, fused attention (docstring)."""
+    b, h, tp = cfg.train.micro_batch_size, cfg.model.d_model, cfg.parallel.tp
+    return s * b * h * 34 / tp if cfg.parallel.sequence_parallel else s * b * h * (10 + 24 / tp)
 
 
 def layer_activation_bytes(cfg: Config, layer_id: int) -> float:
-    """One block, one micro-batch, before the cp division (Korthikanti et al. 2022; docstring)."""
+    """One block, one micro-batch, on this rank's seq_len / cp tokens (docstring)."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    b, h, a, tp = t.micro_batch_size, m.d_model, m.n_heads, p.tp
-    sp = tp if p.sequence_parallel else 1
-    full_input = 2 * t.seq_len * b * h / sp
-
-    def korthikanti(s: int) -> float:
-        if p.sequence_parallel:
-            return s * b * h * (34 + 5 * a * s / h) / tp
-        return s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
-
+    s = t.seq_len // p.cp
+    sp = p.tp if p.sequence_parallel else 1
+    full_input = 2 * s * t.micro_batch_size * m.d_model / sp
     if t.activation_checkpointing:
         return full_input
     if layer_id in routed_layers(cfg):
-        return korthikanti(capacity_tokens(cfg.mod.capacity, t.seq_len)) + full_input
-    return korthikanti(t.seq_len)
+        return _korthikanti(cfg, routed_tokens(cfg.mod.capacity, cfg.mod.window, s)) + full_input
+    return _korthikanti(cfg, s)
+
+
+def logits_bytes(cfg: Config) -> float:
+    """The last stage's logits for one micro-batch, bf16 plus the loss's fp32 copy (docstring); with
+    the chunked loss (train.loss_chunk_tokens), one chunk's."""
+    t, p = cfg.train, cfg.parallel
+    tokens = t.seq_len // p.cp * t.micro_batch_size
+    if t.loss_chunk_tokens:
+        tokens = min(tokens, t.loss_chunk_tokens)
+    return tokens * cfg.model.vocab_size / p.tp * (2 + 4)
+
+
+def cp_transient_bytes(cfg: Config) -> float:
+    """One layer's all-gathered K/V under CP (0 at cp = 1), with their fp32 gradients and, for
+    GQA in dense layers, the repeated heads (docstring)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.cp == 1:
+        return 0.0
+    kv = t.seq_len * t.micro_batch_size * m.n_kv_heads // p.tp * m.head_dim
+    repeated = t.seq_len * t.micro_batch_size * m.n_heads // p.tp * m.head_dim if m.n_heads > m.n_kv_heads else 0
+    return 2 * kv * 2 + 2 * kv * 4 + 2 * repeated * 2
 
 
 @dataclass(frozen=True)
@@ -169,7 +197,11 @@ def plan_stages(cfg: Config, world_size: int) -> list[StagePlan]:
                                                     stage_parameters(cfg, stages))):
         in_flight = min(p.pp - s, cfg.train.grad_accum)
         mem = {k: params * nbytes / (zero_group if k in partitioned else 1) for k, nbytes in per_param.items()}
-        mem["activations"] = sum(layer_activation_bytes(cfg, i) for i in layers) * in_flight / p.cp
+        mem["activations"] = sum(layer_activation_bytes(cfg, i) for i in layers) * in_flight
+        if cfg.train.activation_checkpointing:  # one block recomputed at a time, with its full activations
+            mem["activations"] += max(_korthikanti(cfg, cfg.train.seq_len // p.cp) for _ in layers)
+        mem["logits"] = logits_bytes(cfg) if s == len(stages) - 1 else 0.0
+        mem["cp_kv"] = cp_transient_bytes(cfg)
         mem["total"] = sum(mem.values())
         plans.append(StagePlan(layers, flops, params, in_flight, mem))
     return plans
@@ -179,7 +211,8 @@ def memory_per_rank(cfg: Config, world_size: int, plans: list[StagePlan] | None 
     """Bytes per rank, each component at its worst stage (parameters: the largest stage;
     activations: usually stage 0, which holds the most micro-batches), so a bound for every rank."""
     plans = plan_stages(cfg, world_size) if plans is None else plans
-    out = {k: max(pl.memory[k] for pl in plans) for k in ("parameters", "gradients", "optimizer", "activations")}
+    out = {k: max(pl.memory[k] for pl in plans)
+           for k in ("parameters", "gradients", "optimizer", "activations", "logits", "cp_kv")}
     out["total"] = sum(out.values())
     return out
 
@@ -237,24 +270,20 @@ def format_report(cfg: Config, world_size: int) -> str:
     lines += ["", f"memory per rank, GiB: {dtype} Adam, {w} weights + {g} gradients + {o} optimizer = "
                   f"{w + g + o} B/param; ZeRO-{zero} over dp·cp = {dp * p.cp} ranks "
                   f"(partitioned: {', '.join(ZERO_PARTITIONED[zero]) or 'nothing'})",
-              f"  {'stage':>5}  {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'total':>7}  micro-batches held"]
+              f"  {'stage':>5}  {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'logits':>7} {'cp K/V':>7} "
+              f"{'total':>7}  micro-batches held"]
+    cols = ("parameters", "gradients", "optimizer", "activations", "logits", "cp_kv", "total")
     for s, pl in enumerate(plans):
-        m = pl.memory
-        lines.append(f"  {s:>5}  {m['parameters'] / GIB:>7.2f} {m['gradients'] / GIB:>7.2f} "
-                     f"{m['optimizer'] / GIB:>7.2f} {m['activations'] / GIB:>7.2f} {m['total'] / GIB:>7.2f}  "
-                     f"{pl.in_flight}")
+        lines.append(f"  {s:>5}  " + " ".join(f"{pl.memory[k] / GIB:>7.2f}" for k in cols) + f"  {pl.in_flight}")
     worst = memory_per_rank(cfg, world_size, plans)
-    lines.append(f"  {'bound':>5}  {worst['parameters'] / GIB:>7.2f} {worst['gradients'] / GIB:>7.2f} "
-                 f"{worst['optimizer'] / GIB:>7.2f} {worst['activations'] / GIB:>7.2f} {worst['total'] / GIB:>7.2f}"
-                 f"  (each column at its worst stage)")
-    lines += [f"  activations: Korthikanti et al. 2022, {activation_formula(cfg)} bytes per block and micro-batch, "
-              f"s {t.seq_len}, b {t.micro_batch_size}, h {cfg.model.d_model}, a {cfg.model.n_heads}, t {p.tp}; "
-              f"× blocks on the stage × micro-batches held under 1F1B (min(pp − stage, grad_accum)) ÷ cp; "
-              f"logits and buffers not counted"]
+    lines.append(f"  {'bound':>5}  " + " ".join(f"{worst[k] / GIB:>7.2f}" for k in cols)
+                 + "  (each column at its worst stage)")
+    lines += [f"  activations: Korthikanti et al. 2022 with fused attention, {activation_formula(cfg)} bytes per "
+              f"block and micro-batch, s = seq_len/cp = {t.seq_len // p.cp}, b {t.micro_batch_size}, "
+              f"h {cfg.model.d_model}, t {p.tp}; × blocks on the stage × micro-batches held under 1F1B "
+              f"(min(pp − stage, grad_accum)); logits s·b·V/t·6 on the last stage (one chunk's with the chunked loss); cp K/V: one layer's "
+              f"all-gathered K/V of all {t.seq_len} tokens with fp32 gradients; buffers not counted"]
     if p.pp > 1 and t.grad_accum < p.pp:
         lines.append(f"  warning: train.grad_accum {t.grad_accum} < pp {p.pp} micro-batches: the 1F1B pipeline "
                      f"is mostly bubble; raise --train.grad_accum")
-    if p.cp > 1:
-        lines.append("note: context parallelism is only planned here; the trainer does not implement it yet "
-                     "(it runs tp × pp × dp with --parallel.cp 1).")
     return "\n".join(lines)

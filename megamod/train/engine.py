@@ -51,10 +51,10 @@ def precision_for(cfg: Config, dtype: str, world_size: int = 1) -> str:
 
 
 def clips_in_optimizer(cfg: Config, dims: ParallelDims) -> bool:
-    """At ZeRO 0 DeepSpeed hands our optimizer the full (data-parallel averaged) gradients, so it
-    can clip them itself; under TP/PP its norm is reduced over the model-parallel group the way
-    DeepSpeed's is (ClippingAdamW). Not with CP, whose gradient reduction is not built."""
-    return cfg.optim.zero_stage == 0 and dims.cp == 1
+    """At ZeRO 0 DeepSpeed hands our optimizer the full gradients, already reduced over dp·cp, so
+    it can clip them itself; under TP/PP its norm is reduced over the model-parallel group the way
+    DeepSpeed's is (ClippingAdamW)."""
+    return cfg.optim.zero_stage == 0
 
 
 def deepspeed_config(cfg: Config, dims: ParallelDims, precision: str, optimizer_clips: bool = False) -> dict[str, Any]:

@@ -19,12 +19,14 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from megamod.config import Config
+from megamod.config import Config, ConfigError
 from megamod.model.gpt import GPT, build_model
 from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_aux_loss_scale
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
+from megamod.parallel.context import shard_batch
 from megamod.parallel.dims import ParallelDims
-from megamod.parallel.parallelize import LossFn, build_loss_fn, parallelize_model
+from megamod.parallel.loss import LossFn, build_loss_fn
+from megamod.parallel.parallelize import parallelize_model
 from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
@@ -72,12 +74,18 @@ class Trainer:
               stop: StopController | None = None) -> "Trainer":
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
-        set_aux_loss_scale(model, 1.0 / cfg.train.grad_accum)  # MoD aux gradients: scaled like the LM loss
+        # MoD aux gradients: scaled like the LM loss (DeepSpeed divides it by grad_accum; a CP rank's
+        # share of a sequence's mean is 1/cp of its local mean)
+        set_aux_loss_scale(model, 1.0 / (cfg.train.grad_accum * dims.cp))
         mark_tied_copy(model)  # pp > 1: the last stage's copy of a tied embedding stays out of the optimizer
+        ckpt_dir = os.path.join(cfg.train.run_dir, "checkpoints")
+        resume_tag = _agreed_tag(ckpt_dir, cfg, dims) if cfg.checkpoint.resume else None
+        if resume_tag is None and cfg.checkpoint.load:
+            _load_initial_weights(model, cfg, dims)  # before the engine: its optimizer starts from them
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
-        loss_fn = build_loss_fn(cfg, dims)
-        if cfg.train.compile:
+        loss_fn = build_loss_fn(cfg, dims, model)
+        if cfg.train.compile and not cfg.train.loss_chunk_tokens:  # the chunked loss recomputes: eager
             apply_compile(model)
             loss_fn = compile_loss(loss_fn, dims.tp)
         engine = build_engine(cfg, model, dims, device)
@@ -95,23 +103,24 @@ class Trainer:
             pipeline.guard_loss = guard.guard
         trainer = cls(cfg, dims, device, model, loss_fn, engine, train_data, valid_data,
                       ckpt.TrainState(), metrics, stop, pipeline, guard)
-        if cfg.checkpoint.resume:
-            trainer.resume()
+        if resume_tag is not None:
+            trainer.resume(resume_tag)
         return trainer
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def resume(self) -> None:
-        c = self.cfg.checkpoint
-        tag = ckpt.choose_resume_tag(self.ckpt_dir, c.verify, c.fallback, self.dims.group("control"))
+    def resume(self, tag: str | None = None) -> None:
+        """Continue from ``tag`` (default: the newest complete checkpoint of this run that passes its
+        manifest's check, if any; checkpoint.choose_resume_tag)."""
+        tag = tag or _agreed_tag(self.ckpt_dir, self.cfg, self.dims)
         if tag is None:
             return
-        saved = ckpt.read_meta(self.ckpt_dir, tag)["config"]["model"]
-        now = self.cfg.to_dict()["model"]
-        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-        if diff:
-            flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
-            raise ckpt.CheckpointError(f"checkpoint {self.ckpt_dir}/{tag} has another architecture: {flags}. "
-                                       f"Use the checkpoint's model flags, or a new --train.run_dir")
+        meta = ckpt.read_meta(self.ckpt_dir, tag)
+        if meta.get("weights_only"):
+            raise ConfigError(f"{self.ckpt_dir}/{tag} holds weights only (no optimizer state), it cannot be "
+                               f"resumed: start a new run from it with --checkpoint.load {self.cfg.train.run_dir} "
+                               f"--train.run_dir NEW_DIR")
+        _check_architecture(f"checkpoint {self.ckpt_dir}/{tag}", meta["config"]["model"], self.cfg,
+                            "Use the checkpoint's model flags, or a new --train.run_dir")
         self.state, ours = ckpt.load(self.engine, self.ckpt_dir, tag, grid=self.dims.sizes(), stage=self._stage)
         if "guard" in ours:
             self.guard.load_state_dict(ours["guard"])
@@ -140,10 +149,13 @@ class Trainer:
             return None
 
     # ---- steps ----------------------------------------------------------------------------------
+    def _shard(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, S+1) -> tokens, targets (B, S/cp) and their positions (None at cp = 1)."""
+        return shard_batch(batch.to(self.device, non_blocking=True), self.dims.cp, self.dims.coords()["cp"])
+
     def forward_backward_step(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        tokens, targets = batch[:, :-1], batch[:, 1:]  # (B, S) each
-        loss = self.loss_fn(self.engine(tokens), targets)
+        tokens, targets, positions = self._shard(batch)  # (B, S/cp) each
+        loss = self.loss_fn(self.engine(tokens, positions), targets)
         self.engine.backward(self.guard.guard(loss))  # a non-finite loss poisons the gradients: the step is skipped
         self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         return loss.detach()
@@ -164,9 +176,10 @@ class Trainer:
 
     def _dp_mean(self, value: torch.Tensor) -> float:
         """Mean over data-parallel replicas of a value the last pipeline stage holds (the other
-        stages hold 0, so a sum over the pipeline group moves it to every rank)."""
+        stages hold 0, so a sum over the pipeline group moves it to every rank). Under CP each rank
+        holds its share of the sequence's loss (context.cp_loss): summed over the CP group too."""
         value = value.detach().float().clone()
-        dist.all_reduce(value, group=self.dims.group("dp"))
+        dist.all_reduce(value, group=self.dims.group("dp_cp"))
         if self.dims.pp > 1:
             dist.all_reduce(value, group=self.dims.group("pp"))
         return value.item() / self.dims.dp
@@ -176,16 +189,22 @@ class Trainer:
         """val_loss with training-style routing; for MoD models also val_loss_causal (the causal
         routing generation uses), predictor accuracy and flip rates (rank 0's, over routed layers)."""
         out = {"val_loss": self._eval_loss()}
+        if self.cfg.train.trailing_loss_tokens:
+            out["val_loss_trailing"] = self._eval_loss(last=self.cfg.train.trailing_loss_tokens)
         # Every rank must take the same branch (evaluation is collective), but a pipeline stage
         # may hold no routed block: decide over all ranks.
-        causal = torch.tensor(float(has_causal_routing(self.model)))
+        # Not under CP: causal routing's per-token decisions give the CP ranks unequal token counts,
+        # which the CP attention's static shapes do not take; evaluate such a checkpoint at cp 1.
+        causal = torch.tensor(float(has_causal_routing(self.model) and self.dims.cp == 1))
         dist.all_reduce(causal, op=dist.ReduceOp.MAX, group=self.dims.group("control"))
         if causal.item():
             out.update(evaluate_causal_routing(self.model, self._eval_loss))
         return _over_ranks(out) if self.dims.pp > 1 else out  # predictor statistics live on their stages
 
     @torch.no_grad()
-    def _eval_loss(self) -> float:
+    def _eval_loss(self, last: int = 0) -> float:
+        """Mean validation loss; ``last`` > 0: over the last ``last`` positions of each sequence
+        only, in a pass of its own (config.validate refuses it under PP)."""
         self.engine.eval()
         t = self.cfg.train
         batches = micro_batches(self.valid_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp, 0)
@@ -195,7 +214,11 @@ class Trainer:
             if self.pipeline is not None:
                 total += self.pipeline.eval_loss(batch)
             else:
-                total += self.loss_fn(self.engine(batch[:, :-1]), batch[:, 1:])
+                tokens, targets, positions = self._shard(batch)
+                out = self.engine(tokens, positions)
+                if last:  # the last positions of each sequence (validation refuses it under CP and PP)
+                    out, targets = out[:, -last:], targets[:, -last:]
+                total += self.loss_fn(out, targets)
         self.engine.train()
         return self._dp_mean(total / t.eval_steps)
 
@@ -274,17 +297,50 @@ class Trainer:
         self.metrics.log(step, values)
 
 
+def _agreed_tag(ckpt_dir: str, cfg: Config, dims: ParallelDims) -> str | None:
+    """The newest complete tag whose files match their manifest (falling back to an older one as
+    --checkpoint.verify / --checkpoint.fallback say), the same on every rank."""
+    c = cfg.checkpoint
+    return ckpt.choose_resume_tag(ckpt_dir, c.verify, c.fallback, dims.group("control"))
+
+
+def _check_architecture(what: str, saved: dict[str, Any], cfg: Config, fix: str) -> None:
+    """Refuse weights of another shape, naming every --model flag that differs. The flavour is
+    only a preset of the other fields, so it is not compared."""
+    now = cfg.to_dict()["model"]
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k != "flavour" and saved.get(k) != v}
+    if diff:
+        flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
+        raise ConfigError(f"{what} has another architecture: {flags}. {fix}")
+
+
+def _load_initial_weights(model: GPT, cfg: Config, dims: ParallelDims) -> None:
+    """--checkpoint.load: weights from any complete checkpoint, any grid (checkpoint.py)."""
+    try:
+        ckpt_dir, tag = ckpt.resolve_checkpoint(cfg.checkpoint.load)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--checkpoint.load: {e}") from None
+    meta = ckpt.read_meta(ckpt_dir, tag)
+    _check_architecture(f"--checkpoint.load {ckpt_dir}/{tag}", meta["config"]["model"], cfg,
+                        "Pass the checkpoint's model flags (tools/convert_from_hf.py writes them to OUTPUT/config.yaml)")
+    with torch.device("meta"):
+        full_names = set(GPT(cfg).state_dict())
+    ckpt.load_initial_weights(model, ckpt_dir, tag, full_names)
+    if dims.rank == 0:
+        print(f"initial weights from {ckpt_dir}/{tag} (fresh optimizer, step 0)", flush=True)
+
+
 def _over_ranks(local: dict[str, float]) -> dict[str, float]:
     """Module metrics averaged over the ranks that report them (pipeline stages hold different
-    modules); per-rank counts (keys ending in "selected_tokens") also as their max over ranks, so
-    max/mean shows the imbalance. A collective at log intervals only."""
+    modules); per-rank counts (keys ending in "selected_tokens", and "cp_work", a CP rank's
+    attention work) also as their max over ranks, so max/mean shows the imbalance. A collective at log intervals only."""
     gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, local)
     out: dict[str, float] = {}
     for key in sorted({k for g in gathered for k in g}):
         vals = [g[key] for g in gathered if key in g]
         out[key] = sum(vals) / len(vals)
-        if key.endswith("selected_tokens"):
+        if key.endswith(("selected_tokens", "cp_work")):
             out[key + "_max"] = max(vals)
     return out
 

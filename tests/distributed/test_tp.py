@@ -53,7 +53,8 @@ def _compare_with_single_device(rank: int, world_size: int) -> dict:
     from megamod.config import load_config
     from megamod.model.gpt import build_model
     from megamod.parallel.dims import ParallelDims
-    from megamod.parallel.parallelize import build_loss_fn, lm_loss, parallelize_model
+    from megamod.parallel.loss import build_loss_fn, lm_loss
+    from megamod.parallel.parallelize import parallelize_model
     from megamod.parallel.tensor import shard_dims
 
     out = {}

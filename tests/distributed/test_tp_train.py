@@ -26,6 +26,7 @@ import os
 import pytest
 
 from _harness import run_distributed
+from _trainers import build_trainer, train_steps
 
 STEPS, SAVE_AT = 10, 5
 GLOBAL_BATCH = 4
@@ -45,45 +46,19 @@ def _cfg(run_dir: str, tp: int, dp: int, zero: int, sp: bool = False, *extra: st
         "--logging.tensorboard", "false", "--train.progress", "off", *extra])
 
 
-def _trainer(rank: int, world_size: int, cfg):
-    import torch
-
-    from megamod.parallel.dims import ParallelDims
-    from megamod.train.trainer import Trainer
-
-    p = cfg.parallel
-    dims = ParallelDims(tp=p.tp, cp=1, dp=world_size // p.tp, pp=1, rank=rank)
-    dims.build_groups()
-    return Trainer.build(cfg, dims, torch.device("cpu"))
-
-
-def _steps(trainer, n: int) -> list[tuple[float, float]]:
-    """(loss averaged over DP, global grad norm) for the next n optimizer steps."""
-    from megamod.train.data import micro_batches
-
-    t, d = trainer.cfg.train, trainer.dims
-    batches = micro_batches(trainer.train_data, t.micro_batch_size, d.coords()["dp"], d.dp,
-                            trainer.state.consumed_samples)
-    out = []
-    for _ in range(n):
-        loss = trainer.train_step(batches)
-        out.append((trainer._dp_mean(loss), float(trainer.engine.get_global_grad_norm())))
-    return out
-
-
 def _four_ranks(rank: int, world_size: int, tmp: str) -> dict:
     out: dict = {}
     for zero, tp, sp in _MATRIX:
         cfg = _cfg(os.path.join(tmp, f"z{zero}_tp{tp}_sp{int(sp)}"), tp, world_size // tp, zero, sp,
                    "--checkpoint.resume", "false")
-        out[(zero, tp, sp)] = _steps(_trainer(rank, world_size, cfg), STEPS)
+        out[(zero, tp, sp)] = train_steps(build_trainer(rank, world_size, cfg), STEPS)
     # A tp=2 × dp=2 run that saves at step 5 through the real loop (exit_at_step), then resumes
     # on other grids from the same run directory.
     run = os.path.join(tmp, "reshard")
-    _trainer(rank, world_size, _cfg(run, 2, 2, 2, False, "--train.exit_at_step", str(SAVE_AT))).train()
+    build_trainer(rank, world_size, _cfg(run, 2, 2, 2, False, "--train.exit_at_step", str(SAVE_AT))).train()
     for tp in (4, 1, 2):
-        trainer = _trainer(rank, world_size, _cfg(run, tp, world_size // tp, 2))
-        out[("resumed", tp)] = (trainer.state.step, _steps(trainer, 2))
+        trainer = build_trainer(rank, world_size, _cfg(run, tp, world_size // tp, 2))
+        out[("resumed", tp)] = (trainer.state.step, train_steps(trainer, 2))
     return out
 
 
@@ -95,14 +70,14 @@ def _one_rank(rank: int, world_size: int, tmp: str) -> dict:
     out: dict = {}
     for zero in (1, 2):
         cfg = _cfg(os.path.join(tmp, f"ref_z{zero}"), 1, 1, zero, False, "--checkpoint.resume", "false")
-        out[("ref", zero)] = _steps(_trainer(rank, world_size, cfg), STEPS)
+        out[("ref", zero)] = train_steps(build_trainer(rank, world_size, cfg), STEPS)
     run = os.path.join(tmp, "reshard")
-    trainer = _trainer(rank, world_size, _cfg(run, 1, 1, 2))
+    trainer = build_trainer(rank, world_size, _cfg(run, 1, 1, 2))
     # Right after loading, the tp=1 model holds exactly the merged tp=2 weights, which is also
     # what the offline export (consolidated_state_dict, used by generation) reads.
     export = consolidated_state_dict(os.path.join(run, "checkpoints"))
     out["export_matches"] = all(torch.equal(export[n], p) for n, p in trainer.model.state_dict().items())
-    out[("resumed", 1, "dp1")] = (trainer.state.step, _steps(trainer, 2))
+    out[("resumed", 1, "dp1")] = (trainer.state.step, train_steps(trainer, 2))
     return out
 
 

@@ -58,6 +58,8 @@ def test_bad_yaml_file(tmp_path):
     (["--model.n_heads", "3"], 1, "--model.n_heads 3"),
     (["--model.n_kv_heads", "3"], 1, "--model.n_kv_heads 3"),
     (["--parallel.cp", "2", "--train.seq_len", "250"], 2, "2·cp"),
+    # MoBA under CP: chunks of whole blocks (256 / (2·2) = 64 is not a multiple of 48)
+    (["--parallel.cp", "2", "--model.attention", "moba", "--moba.chunk_size", "48"], 2, "2·cp·moba.chunk_size"),
     (["--parallel.tp", "2", "--parallel.sequence_parallel", "true", "--train.seq_len", "255"], 2, "--parallel.tp 2"),
     (["--parallel.pp", "8"], 8, "fewer than --parallel.pp"),
     (["--train.seq_len", "8192"], 1, "--model.max_seq_len"),
@@ -65,6 +67,8 @@ def test_bad_yaml_file(tmp_path):
     (["--optim.zero_stage", "4"], 1, "--optim.zero_stage"),
     (["--train.bf16_mode", "master_fused", "--parallel.dp", "2"], 2, "--train.bf16_mode master_fused runs on one"),
     (["--train.bf16_mode", "master_fused", "--optim.zero_stage", "1"], 1, "at --optim.zero_stage 0"),
+    (["--train.trailing_loss_tokens", "300"], 1, "--train.trailing_loss_tokens 300 must be in 0..--train.seq_len 256"),
+    (["--train.trailing_loss_tokens", "8", "--parallel.pp", "2"], 2, "not supported with --parallel.pp > 1 or --parallel.cp > 1"),
 ])
 def test_impossible_sizes(argv, world, flag):
     cfg = load_config(None, argv + SYN)

@@ -84,7 +84,7 @@ def test_deepspeed_config_for_autocast_and_optimizer_clipping():
     one = ParallelDims(tp=1, cp=1, dp=1, pp=1, rank=0)
     assert clips_in_optimizer(cfg, one)
     assert clips_in_optimizer(cfg, ParallelDims(tp=2, cp=1, dp=2, pp=2, rank=0))  # norm reduced over TP × PP
-    assert not clips_in_optimizer(cfg, ParallelDims(tp=1, cp=2, dp=1, pp=1, rank=0))  # CP: not built
+    assert clips_in_optimizer(cfg, ParallelDims(tp=1, cp=2, dp=1, pp=1, rank=0))  # grads reduced over dp·cp first
     ds = deepspeed_config(cfg, one, "autocast", optimizer_clips=True)
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
     assert ds["gradient_clipping"] == 0.0  # the optimizer clips; DeepSpeed must not clip again

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_gluon_dkdv_compiles_for_hopper_with_overlapped_wgmma(D):
+@pytest.mark.parametrize("D, own", [(64, True), (128, True), (128, False)])  # own off: CP's picked-only blocks
+def test_gluon_dkdv_compiles_for_hopper_with_overlapped_wgmma(D, own):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -23,7 +23,7 @@ def test_gluon_dkdv_compiles_for_hopper_with_overlapped_wgmma(D):
     fn = mg._dkdv_gluon_kernel
     ptrs = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "DO": "*bf16", "DK": "*bf16", "DV": "*bf16", "LSE": "*fp32",
             "DELTA": "*fp32", "TOK": "*i32", "SEG_START": "*i32", "BLK_START": "*i32", "BLK_LEN": "*i32"}
-    const = dict(D=D, BM=mg.BM, BN=mg.BN, TPW_D=D // 8, num_warps=mg.NUM_WARPS)
+    const = dict(D=D, BM=mg.BM, BN=mg.BN, TPW_D=D // 8, OWN=own, num_warps=mg.NUM_WARPS)
     sig = {n: "constexpr" if n in const else ptrs.get(n, "fp32" if n.endswith("scale") else "i32")
            for n in fn.arg_names}
     # as the JIT specializes a launch: pointers and the row strides of q/k (multiples of the head dim)

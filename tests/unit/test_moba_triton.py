@@ -1,13 +1,11 @@
 """The Triton MoBA kernels under TRITON_INTERPRET=1 (CPU, small shapes), against the dense
 reference. The interpreter must be switched on before triton is imported, so the checks run in a
 child process and report back as JSON; the rest of the pytest run keeps the compiled triton."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from _interp import run_interpreted
 
 CHILD = textwrap.dedent(
     """
@@ -85,14 +83,7 @@ CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interp():
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MOBA_TEST_DIR=os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, "-W", "ignore", "-c", CHILD], env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return run_interpreted(CHILD)
 
 
 @pytest.mark.parametrize("case", [0, 1, 2, 3, 4])

@@ -56,6 +56,19 @@ def test_topk_ties_go_to_lower_positions_and_keep_order():
     assert topk_positions(torch.tensor([[0.0, 5.0, 1.0, 9.0]]), 3).tolist() == [[1, 2, 3]]
 
 
+def test_routing_windows_take_the_top_k_of_each_window():
+    from megamod.model.mod import routed_tokens, topk_in_windows
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(3, 48, generator=g)
+    # window 0 is the whole sequence: exactly the per-sequence top-k
+    assert torch.equal(topk_in_windows(scores, 0.25, 0), topk_positions(scores, 12))
+    idx = topk_in_windows(scores, 0.25, 8)  # 6 windows of 8, k = 2 each
+    assert idx.shape == (3, 12) and routed_tokens(0.25, 8, 48) == 12
+    want = torch.cat([topk_positions(scores[:, w:w + 8], 2) + w for w in range(0, 48, 8)], dim=1)
+    assert torch.equal(idx, want) and torch.equal(idx, idx.sort(1).values)  # ascending, window by window
+
+
 def test_exactly_k_selected_and_unselected_rows_bitwise():
     block = _block()
     x, cos, sin = _inputs()
