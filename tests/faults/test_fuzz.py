@@ -32,7 +32,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from megamod.config import Config, ConfigError, _sections, load_config, validate
+from megamod.config import Config, ConfigError, load_config, validate
+from megamod.config.loading import _sections
 from megamod.data.indexed import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 from megamod.data.sources import iter_documents, list_input_files
 
