@@ -82,9 +82,10 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         loss_fn = build_loss_fn(cfg, dims, model)
-        if cfg.train.compile and not cfg.train.loss_chunk_tokens:  # the chunked loss recomputes: eager
+        if cfg.train.compile:
             apply_compile(model)
-            loss_fn = compile_loss(loss_fn, dims.tp)
+            if not cfg.train.loss_chunk_tokens:  # the chunked loss compiles its chunks itself (loss.py)
+                loss_fn = compile_loss(loss_fn, dims.tp)
         engine = build_engine(cfg, model, dims, device)
         train_data, valid_data = build_train_valid(cfg, dims.dp)
         metrics = MetricsLogger(cfg.train.run_dir, enabled=dims.rank == 0, tensorboard=cfg.logging.tensorboard,
