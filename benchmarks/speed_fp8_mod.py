@@ -9,8 +9,8 @@ Every variant is the real ``Trainer.train_step``: DeepSpeed ZeRO-0 with bf16 wei
 MasterAdamW (train.bf16_mode auto = master_fused on one GPU), compiled blocks and loss, synthetic
 tokens, seq 2048, micro-batch 16 x accumulation 1 unless the row says otherwise (the same for
 dense and MoD, as the issue asks). Variants run one after another in a child process per group
-(1b bars, 2b bars, 1b changes), freed in between; each child prints one JSON line a variant, so a
-run cut short keeps what it measured. Weights are drawn on the device (the trainer's per-name
+(1b bars d1 f1t m1 f1r, 2b bars d2 f2t m2 f2r, 1b changes), freed in between; each child prints
+one JSON line a variant, so a run cut short keeps what it measured. Weights are drawn on the device (the trainer's per-name
 CPU draws take seconds at 2B parameters and do not change a step's speed). Median of --steps
 steps after --warmup, synchronised after each.
 
@@ -66,8 +66,8 @@ class Variant:
 
 _1B = [Variant("d1", "1b", optimizer_timing=True, label="dense bf16"),
        Variant("f1t", "1b", fp8="tensorwise", label="dense FP8 tensorwise"),
-       Variant("f1r", "1b", fp8="rowwise", label="dense FP8 rowwise"),
-       Variant("m1", "1b", mod=True, optimizer_timing=True, label="MoD bf16")]
+       Variant("m1", "1b", mod=True, optimizer_timing=True, label="MoD bf16"),
+       Variant("f1r", "1b", fp8="rowwise", label="dense FP8 rowwise")]
 _2B = [Variant("d2", "2b", optimizer_timing=True, label="dense bf16"),
        Variant("f2t", "2b", fp8="tensorwise", label="dense FP8 tensorwise"),
        Variant("m2", "2b", mod=True, optimizer_timing=True, label="MoD bf16"),
