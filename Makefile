@@ -21,7 +21,7 @@ $(STAMP): setup.py Makefile
 	$(PIP) install numpy setuptools wheel
 	# deepspeed's setup.py imports torch: build it against the torch above, not an isolated one.
 	$(PIP) install --no-build-isolation "deepspeed>=0.16"
-	$(PIP) install -e ".[test,mpi]"
+	$(PIP) install -e ".[test,mpi,analysis]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -25,6 +25,13 @@
 #   PARITY_DATA=data/stdlib_text_document PARITY_VOCAB=4096 benchmarks/gpu_session.sh fp8-parity
 #                                          -> fp8_parity.py: 350m, 500 steps, bf16 then FP8 (~4 min on an H200;
 #                                             carry data/: the .bin/.idx the prefix names)
+#   benchmarks/gpu_session.sh generate     -> generate_speed.py: decode tokens/s MoD vs dense 1b (batch 1, 16; prompt 2K,
+#                                             256 new), MoBA vs dense at a 128K prompt (prefill, per-token decode)
+#   benchmarks/gpu_session.sh isoflop-data isoflop -> the sweep's corpus (examples/site_corpus.sh, ~2 min), then the
+#                                             unfinished runs of benchmarks/results/isoflop/h200.json in plan order
+#                                             until ISOFLOP_BUDGET_S (560) seconds of this call are used; results.csv
+#                                             and curves.csv (the committed ones plus this call's runs) in $OUT/isoflop
+#                                             (ISOFLOP_PIECES="1 2": only those pieces)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -84,12 +91,26 @@ for what in "$@"; do
                     > "$OUT/ncu_${k%%:*}.txt" 2>&1
                 grep -v "^==PROF==" "$OUT/ncu_${k%%:*}.txt" | grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Eligible|Registers|Occupancy|Shared Memory|Block Limit|Pipe|L2|L1|DRAM" | head -60
             done ;;
+        generate) python3 benchmarks/generate_speed.py --json "$OUT/generate_speed.json" --md "$OUT/generate_speed.md" \
+            2>&1 | grep --line-buffered -v Warning | tee "$OUT/generate_speed.log" ;;
+        isoflop-data) bash examples/site_corpus.sh data 2>&1 | grep -v Warning | tee "$OUT/isoflop_data.log"
+            cp data/site_corpus.json "$OUT/" ;;
+        isoflop) mkdir -p "$OUT/isoflop"
+            cp benchmarks/results/isoflop/results.csv benchmarks/results/isoflop/curves.csv "$OUT/isoflop/" 2>/dev/null
+            python3 tools/isoflop.py run benchmarks/results/isoflop/h200.json --sweep-dir /tmp/isoflop-runs \
+                --table "$OUT/isoflop/results.csv" --time-limit $((${ISOFLOP_BUDGET_S:-560} - SECONDS)) \
+                ${ISOFLOP_PIECES:+--piece $ISOFLOP_PIECES} 2>&1 | tee "$OUT/isoflop/run.log"
+            for d in /tmp/isoflop-runs/*/; do  # each run's log and metrics (KBs), for a look at what happened
+                mkdir -p "$OUT/isoflop/runs/$(basename "$d")"
+                cp "$d"metrics.jsonl "$d"logs/isoflop.out "$OUT/isoflop/runs/$(basename "$d")/" 2>/dev/null
+            done ;;
         cp) python3 benchmarks/cp_attention.py --json "$OUT/cp_attention.json" 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/cp_attention.log" ;;
         long) python3 benchmarks/long_context.py --runs "${LONG_RUNS:-moba:262144,dense:262144}" \
             --timeout "${LONG_TIMEOUT:-300}" --json "$OUT/long_context.json" 2>&1 | grep --line-buffered -v Warning \
             | tee "$OUT/long_context.log" ;;
-        fp8-mod) python3 benchmarks/speed_fp8_mod.py --json "$OUT/speed_fp8_mod.json" --profile "$OUT/mod_profile.txt" \
+        fp8-mod) python3 benchmarks/speed_fp8_mod.py --budget-s "${FP8_BUDGET_S:-285}" --json "$OUT/speed_fp8_mod.json" \
+            --profile "$OUT/mod_profile.txt" \
             2>&1 | grep --line-buffered -v -e Warning -e "Failed to load" | tee "$OUT/speed_fp8_mod.log" ;;
         fp8-parity) python3 benchmarks/fp8_parity.py --data "${PARITY_DATA:-data/stdlib_text_document}" \
             --vocab "${PARITY_VOCAB:-4096}" --json "$OUT/fp8_parity.json" --plot "$OUT/fp8_parity.png" 2>&1 \

@@ -150,6 +150,8 @@ class TrainConfig:
         "at zero_stage 0, else master_weights")
     eval_interval: int = _f(50, "evaluate every N steps (0: only at the end)")
     eval_steps: int = _f(10, "validation micro-batches per evaluation")
+    trailing_loss_tokens: int = _f(0, "evaluation also logs val_loss_trailing, the loss on the last N tokens of "
+                                      "each sequence (MoBA's long-context check; 0: off)")
     log_interval: int = _f(10, "console/TensorBoard logging interval in steps")
     exit_after_minutes: float = _f(0.0, "save and exit cleanly after this wall time (0: no limit)")
     exit_at_step: int = _f(0, "save and exit after this step, keeping the schedule of train.steps (0: off)")
@@ -162,6 +164,9 @@ class CheckpointConfig:
     keep_last: int = _f(3, "complete checkpoints to keep")
     resume: bool = _f(True, "resume from the newest complete checkpoint in the run directory")
     save_at_end: bool = _f(True, "save when training ends (false: benchmarks whose weights are thrown away)")
+    load: str = _f("", "initial weights from this checkpoint (a run directory, its checkpoints/ or a step_* "
+                       "directory; any grid, or tools/convert_from_hf.py's output) with a fresh optimizer and step 0; "
+                       "ignored once this run has its own checkpoint to resume")
 
 
 @dataclass

@@ -4,6 +4,7 @@ arithmetic on a ``Config`` and a world size, before any process group exists."""
 from __future__ import annotations
 
 import math
+import os
 
 from megamod.config.sections import Config, ConfigError
 
@@ -101,9 +102,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "releases after the forward; use --optim.zero_stage 2 (or 1), or --train.loss_chunk_tokens 0")
     if t.fp8 != "off":
         _validate_fp8(cfg)
+    if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
+        raise ConfigError(f"--checkpoint.load {cfg.checkpoint.load}: no such directory (give a run directory, its "
+                          f"checkpoints/ or a step_* directory)")
     for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
         if getattr(t, name) < 1:
             raise ConfigError(f"--train.{name} must be >= 1")
+    if not 0 <= t.trailing_loss_tokens <= t.seq_len:
+        raise ConfigError(f"--train.trailing_loss_tokens {t.trailing_loss_tokens} must be in 0..--train.seq_len "
+                          f"{t.seq_len}")
+    if t.trailing_loss_tokens and (p.pp > 1 or p.cp > 1):
+        raise ConfigError("--train.trailing_loss_tokens is not supported with --parallel.pp > 1 or --parallel.cp > 1 "
+                          "(the last positions of a sequence sit on one stage's or rank's share of it); set it to 0 "
+                          "or use --parallel.pp 1 --parallel.cp 1")
     if not cfg.data.paths and not cfg.data.synthetic:
         raise ConfigError("no training data: set --data.paths PREFIX (see tools/preprocess_data.py) "
                           "or --data.synthetic true")

@@ -29,6 +29,8 @@ class Tokenizer:
         self.vocab_size: int = self._sp.GetPieceSize()
         self.eod_id: int = self._find_eod()
         self.pad_id: int = self._find_pad()
+        self.bos_id: int | None = self._sp.bos_id() if self._sp.bos_id() >= 0 else None  # megamod trains without BOS
+        self.unk_id: int = self._sp.unk_id()
 
     def _find_eod(self) -> int:
         # piece_to_id returns unk for pieces that are not in the vocabulary.

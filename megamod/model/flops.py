@@ -8,15 +8,16 @@ Conventions (PaLM appendix B, and what torch.utils.flop_counter counts):
 - the input embedding is a lookup (0 FLOPs); the output projection is a matmul.
 Mixture-of-Depths: a routed block at capacity c runs its linears on c·S tokens and its
 attention on a (c·S)² square, plus the router (2d per token) and predictor (learned routing).
-MoBA layers count the pairs they attend, not a square: a query at position t sees (t mod B) + 1
-keys of its own block and B of each of its min(topk − 1, t // B) picked blocks; its gate scores
-every complete past block (2·d per query and block). Inside a routed block MoBA runs over the
-compacted sequence, so t counts routed tokens there.
+MoBA (layers not kept dense by moba.full_attention_layers): each query attends to topk blocks of
+B keys (all S when S <= topk·B), counted as full blocks like the dense square, so 4·S·min(S,
+topk·B)·d; the gate scores every block, q·mean(K_block), 2·S·ceil(S/B)·d (the block means are
+elementwise). Inside a routed block both apply to its k selected tokens.
 """
 
 from __future__ import annotations
 
 from megamod.config import Config, ModelConfig
+from megamod.model.gpt import moba_layers
 from megamod.model.mod import predictor_hidden, routed_layers, routed_tokens
 
 
@@ -45,29 +46,16 @@ def layer_forward_flops(cfg: Config, layer_id: int, seq_len: int) -> int:
             if cfg.mod.predictor:
                 hidden = predictor_hidden(cfg.mod, m.d_model)
                 extra += 2 * seq_len * (m.d_model * hidden + hidden)  # d -> hidden -> 1
-    return 2 * tokens * block_linear_params(m) + attention_flops(cfg, layer_id, tokens) + extra
+    return 2 * tokens * block_linear_params(m) + attention_forward_flops(cfg, layer_id, tokens) + extra
 
 
-def is_moba_layer(cfg: Config, layer_id: int) -> bool:
-    """The layers build_inner_attention gives MoBA (hybrid models keep moba.full_attention_layers dense)."""
-    n = cfg.model.n_layers
-    return cfg.model.attention == "moba" and layer_id not in {i % n for i in cfg.moba.full_attention_layers}
-
-
-def attention_flops(cfg: Config, layer_id: int, tokens: int) -> int:
-    """Forward FLOPs of the attention proper (scores and weighted sum) of one sequence of ``tokens``:
-    4·d per attended (query, key) pair, the full square for dense layers (PaLM), the attended pairs
-    and the gate for MoBA layers (module docstring)."""
+def attention_forward_flops(cfg: Config, layer_id: int, tokens: int) -> int:
+    """Scores and weighted sum (and MoBA's gate) of one layer over a sequence of ``tokens``."""
     d = cfg.model.d_model
-    if not is_moba_layer(cfg, layer_id):
+    if layer_id not in moba_layers(cfg):
         return 4 * tokens * tokens * d
-    b, ks = cfg.moba.chunk_size, cfg.moba.topk - 1
-    pairs = gate = 0
-    for i, start in enumerate(range(0, tokens, b)):  # block i holds n queries
-        n = min(b, tokens - start)
-        pairs += n * (n + 1) // 2 + n * b * min(ks, i)
-        gate += n * i if ks > 0 else 0  # the i complete past blocks each query scores
-    return 4 * d * pairs + 2 * d * gate
+    b, topk = cfg.moba.chunk_size, cfg.moba.topk
+    return 4 * tokens * min(tokens, topk * b) * d + 2 * tokens * -(-tokens // b) * d
 
 
 def forward_flops_per_sequence(cfg: Config, seq_len: int | None = None) -> int:

@@ -27,13 +27,18 @@ if TYPE_CHECKING:
     from megamod.model.kv_cache import KVCache
 
 
+def moba_layers(cfg: Config) -> set[int]:
+    """Indices of the blocks with MoBA attention (hybrid MoBA keeps some layers dense)."""
+    if cfg.model.attention != "moba":
+        return set()
+    n = cfg.model.n_layers
+    return set(range(n)) - {i % n for i in cfg.moba.full_attention_layers}
+
+
 def build_inner_attention(cfg: Config, layer_id: int) -> nn.Module:
-    """The one place the attention kind is chosen (hybrid MoBA keeps some layers dense)."""
-    if cfg.model.attention == "moba":
-        n = cfg.model.n_layers
-        dense = {i % n for i in cfg.moba.full_attention_layers}
-        if layer_id not in dense:
-            return MobaAttention(cfg.moba.chunk_size, cfg.moba.topk)
+    """The one place the attention kind is chosen."""
+    if layer_id in moba_layers(cfg):
+        return MobaAttention(cfg.moba.chunk_size, cfg.moba.topk)
     return SDPAttention()
 
 
@@ -62,13 +67,17 @@ class GPT(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, valid: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, S) ids — or (B, S, d) hidden states on a later pipeline stage.
 
         positions (S,) or (B, S): the original positions of the tokens this rank holds (context
         parallelism holds them out of order); default arange(S).
         cache: incremental decoding (megamod/infer): the S new tokens at ``positions`` attend to
-        the cached keys/values of earlier tokens, and each layer appends its own.
+        the cached keys/values of earlier tokens, and each layer appends its own. ``valid`` (B, S):
+        with a cache, which tokens are real (a prefix per row: ragged prompts right-padded).
+        logits_at (B,): return only the logits of token ``logits_at[b]`` of each row, (B, 1, V)
+        (decoding needs one position; a 128K-token prefill would otherwise build 128K x V logits).
         Returns logits (B, S, V) — or hidden states (B, S, d) on a stage without the output layer.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
@@ -76,7 +85,9 @@ class GPT(nn.Module):
             positions = torch.arange(h.shape[1], device=h.device)
         cos, sin = rope_tables(positions, self.model_cfg.head_dim, self.model_cfg.rope_theta)
         for i, layer in self.layers.items():
-            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layer(int(i), positions))
+            h = layer(h, cos, sin) if cache is None else layer(h, cos, sin, cache.layer(int(i), positions, valid))
+        if logits_at is not None:
+            h = h.gather(1, logits_at.view(-1, 1, 1).expand(-1, 1, h.shape[-1]))  # (B, 1, d)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -281,9 +281,10 @@ class RoutedBlock(Block):
             out = self.put(x, idx, self._gated(scores, idx, f), valid)
         else:
             out = x  # nothing routed in: the block is skipped (and its cache is untouched)
-        target = torch.zeros(b, s, device=x.device).scatter_(1, topk_in_windows(scores[..., 0], self.capacity,
-                                                                                self.window), 1.0)
-        self._record(scores, chosen.float(), target, None, None)
+        if kv is None:  # evaluation's statistics; decoding keeps none (kernels a skipped block would launch)
+            target = torch.zeros(b, s, device=x.device).scatter_(1, topk_in_windows(scores[..., 0], self.capacity,
+                                                                                    self.window), 1.0)
+            self._record(scores, chosen.float(), target, None, None)
         return out
 
     # ---- statistics (device tensors until log time) ------------------------------------------------

@@ -18,6 +18,18 @@ our RNG files and the marker stay at the tag's top. Parameter names are the same
 degree, so a checkpoint resumes on another grid through DeepSpeed's universal checkpoint, which
 reshard.py assembles from the stages.
 
+A weights-only checkpoint (``save_weights``: tools/convert_from_hf.py writes one) is a tag with
+no DeepSpeed files::
+
+    step_00000000/
+        consolidated.pt                 torch.save of {parameter name: full tensor}, the
+                                        single-device model's state_dict names (a tied output
+                                        weight under both names, one storage); any dtype
+        megamod_complete.json           as above, plus "weights_only": true and "source"
+
+It has no optimizer state, so it is not resumed but loaded as initial weights
+(``--checkpoint.load``, ``load_initial_weights``) or read by ``consolidated_state_dict``.
+
 A run killed mid-save leaves a tag without the marker; ``find_latest_complete`` skips it and the
 next save of the same step overwrites it. Saves go through the DeepSpeed engine on every rank
 (a collective); the marker is written after a barrier.
@@ -37,8 +49,10 @@ import torch
 import torch.distributed as dist
 
 from megamod.train.ckpt_layout import (MARKER, engine_location, find_latest_complete, list_tags, read_meta,  # noqa: F401
-                                      stage_dir, tag_for)
+                                      resolve_checkpoint, stage_dir, tag_for)
 from megamod.train.reshard import convert_to_universal, full_state_dict, load_universal
+
+WEIGHTS = "consolidated.pt"
 
 @dataclass
 class TrainState:
@@ -164,29 +178,34 @@ def _reshard_load(engine, ckpt_dir: str, tag: str, saved: dict[str, int], now: d
 
 
 def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """fp32 weights of a checkpoint, for the single-device model with ``strict=True``.
+    """Full weights of a checkpoint (any TP/PP/DP degree and ZeRO stage), for the single-device
+    model with ``strict=True``: fp32 for a training checkpoint, the stored dtype for a weights-only one.
 
     ZeRO ≥ 1 keeps the fp32 master weights partitioned in the optimizer files: DeepSpeed's
-    zero_to_fp32 reassembles them. Without ZeRO the module file holds the full weights.
+    zero_to_fp32 reassembles them, and the universal conversion merges TP slices and pipeline
+    stages. Without ZeRO each TP rank's module file holds its slice (merged here by the TP plan).
     Works offline, no process group needed.
     """
     tag = tag or find_latest_complete(ckpt_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (a step_* dir with {MARKER})")
-    config = read_meta(ckpt_dir, tag)["config"]
+    meta = read_meta(ckpt_dir, tag)
+    if meta.get("weights_only"):
+        return torch.load(os.path.join(ckpt_dir, tag, WEIGHTS), map_location="cpu", weights_only=True)
+    config = meta["config"]
     tp, pp, zero = config["parallel"]["tp"], config["parallel"]["pp"], config["optim"]["zero_stage"]
     if zero == 0:
-        if tp > 1:
-            raise RuntimeError(f"{ckpt_dir}/{tag}: merging TP slices needs a ZeRO >= 1 checkpoint (DeepSpeed's "
-                               f"universal conversion); this one has --optim.zero_stage 0")
-        # Without ZeRO each stage's module file holds its full weights (names as on one device).
+        # Without ZeRO each stage's module files hold its weights (names as on one device), one
+        # file per TP rank (DeepSpeed names them by model-parallel rank = TP rank).
         dirs = [os.path.join(ckpt_dir, tag)] if pp == 1 else [os.path.join(ckpt_dir, tag, stage_dir(s))
                                                               for s in range(pp)]
         out: dict[str, torch.Tensor] = {}
         for d in dirs:
-            states = torch.load(os.path.join(d, "mp_rank_00_model_states.pt"), weights_only=False)
-            out.update({k: v.float() for k, v in states["module"].items()})
-            out.update(_master_weights(states.get("optimizer")))
+            states = [torch.load(os.path.join(d, f"mp_rank_{r:02d}_model_states.pt"), weights_only=False)
+                      for r in range(tp)]
+            out.update(_merge_tp(({k: v.float() for k, v in st["module"].items()} for st in states), config)
+                       if tp > 1 else {k: v.float() for k, v in states[0]["module"].items()})
+            out.update(_master_weights(states[0].get("optimizer")))
         if config["model"]["tie_embeddings"] and "output.weight" in out:
             out["output.weight"] = out["tok_embeddings.weight"]
         return out
@@ -200,6 +219,66 @@ def consolidated_state_dict(ckpt_dir: str, tag: str | None = None) -> dict[str, 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+
+
+def _merge_tp(shards, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """TP ranks' module states -> full tensors, by the TP plan (``shard_dims`` of the model):
+    split ones concatenate on their dim, replicated ones are taken from rank 0."""
+    from megamod.config import build_config
+    from megamod.model.gpt import GPT
+    from megamod.parallel.tensor import shard_dims
+
+    with torch.device("meta"):
+        dims = shard_dims(GPT(build_config(config)))
+    shards = list(shards)
+    return {name: first if dims.get(name) is None else torch.cat([sh[name] for sh in shards], dim=dims[name])
+            for name, first in shards[0].items()}
+
+
+def save_weights(ckpt_dir: str, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
+                 source: str = "", step: int = 0) -> str:
+    """A weights-only checkpoint (layout in the module docstring), written by one process:
+    tensors first, the marker last (atomically), so a killed conversion leaves no complete tag."""
+    tag = tag_for(step)
+    path = os.path.join(ckpt_dir, tag)
+    os.makedirs(path, exist_ok=True)
+    if os.path.exists(os.path.join(path, MARKER)):
+        os.remove(os.path.join(path, MARKER))
+    torch.save(state_dict, os.path.join(path, WEIGHTS))
+    meta = {"step": step, "consumed_samples": 0, "flops": 0.0, "world_size": 1, "config": config,
+            "weights_only": True, "source": source}
+    _atomic_write_text(os.path.join(path, MARKER), json.dumps(meta, indent=1))
+    return tag
+
+
+def load_initial_weights(model: torch.nn.Module, ckpt_dir: str, tag: str, full_names: set[str]) -> None:
+    """Collective. Copy a complete checkpoint's weights (any grid, or weights-only) into this
+    rank's part of the model — its pipeline stage, its TP slice (``tp_shard``) — before the
+    engine exists, so the optimizer starts fresh from them. ``full_names``: the single-device
+    model's state_dict keys; the checkpoint must have exactly these. Rank 0 reads first: for a
+    sharded DeepSpeed checkpoint that converts it once (reshard.py); the others then read it.
+    Every rank holds the full tensors on the CPU meanwhile (the model's size in the stored dtype)."""
+    sd: dict[str, torch.Tensor] | None = None
+    err = [None]
+    if dist.get_rank() == 0:
+        try:
+            sd = consolidated_state_dict(ckpt_dir, tag)
+            missing, extra = sorted(full_names - set(sd)), sorted(set(sd) - full_names)
+            if missing or extra:
+                err[0] = f"its parameters differ from this model's: missing {missing[:5]}, unexpected {extra[:5]}"
+        except Exception as e:  # the other ranks wait in the broadcast below: they must fail too
+            err[0] = f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(err, src=0)
+    if err[0] is not None:
+        raise RuntimeError(f"--checkpoint.load {ckpt_dir}/{tag}: {err[0]}")
+    if sd is None:
+        sd = consolidated_state_dict(ckpt_dir, tag)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            dim, rank, world = getattr(p, "tp_shard", (0, 0, 1))
+            full = sd[name]
+            p.copy_(full if world == 1 else full.chunk(world, dim=dim)[rank])
+    dist.barrier()
 
 
 def _master_weights(optimizer: dict[str, Any] | None) -> dict[str, torch.Tensor]:

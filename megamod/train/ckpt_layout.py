@@ -54,3 +54,22 @@ def find_latest_complete(ckpt_dir: str) -> str | None:
 def read_meta(ckpt_dir: str, tag: str) -> dict[str, Any]:
     with open(os.path.join(ckpt_dir, tag, MARKER)) as f:
         return json.load(f)
+
+
+def resolve_checkpoint(path: str, tag: str | None = None) -> tuple[str, str]:
+    """(ckpt_dir, tag) of a complete checkpoint named by a run directory (its newest complete tag,
+    or ``tag``), its ``checkpoints/`` directory, or one tag's directory. FileNotFoundError, saying
+    what was looked for, when there is none."""
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, MARKER)):  # a tag directory
+        return os.path.dirname(path), os.path.basename(path)
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if tag is not None:
+        if not os.path.isfile(os.path.join(ckpt_dir, tag, MARKER)):
+            raise FileNotFoundError(f"{ckpt_dir}/{tag} is not a complete checkpoint (no {MARKER})")
+        return ckpt_dir, tag
+    found = find_latest_complete(ckpt_dir)
+    if found is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (a run directory, its checkpoints/ directory or "
+                                f"a step_* directory holding {MARKER})")
+    return ckpt_dir, found

@@ -93,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     # and exit_after_minutes counts startup time.
     stop = StopController(cfg.train.exit_after_minutes or None).install()
     try:
-        trainer = Trainer.build(cfg, dims, device, stop=stop)
+        try:
+            trainer = Trainer.build(cfg, dims, device, stop=stop)
+        except ConfigError as e:  # every rank reads the same files, so every rank stops here
+            print(f"megamod-train: error: {e}", file=sys.stderr)
+            return 2
         trainer.train()
         dist.barrier()  # no rank tears its process group down under a peer still using it
     finally:

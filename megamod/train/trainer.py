@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from megamod.config import Config
+from megamod.config import Config, ConfigError
 from megamod.model.gpt import GPT, build_model
 from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_aux_loss_scale
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
@@ -79,6 +79,10 @@ class Trainer:
         # share of a sequence's mean is 1/cp of its local mean)
         set_aux_loss_scale(model, 1.0 / (cfg.train.grad_accum * dims.cp))
         mark_tied_copy(model)  # pp > 1: the last stage's copy of a tied embedding stays out of the optimizer
+        ckpt_dir = os.path.join(cfg.train.run_dir, "checkpoints")
+        resume_tag = _agreed_tag(ckpt_dir, dims) if cfg.checkpoint.resume else None
+        if resume_tag is None and cfg.checkpoint.load:
+            _load_initial_weights(model, cfg, dims)  # before the engine: its optimizer starts from them
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         loss_fn = build_loss_fn(cfg, dims, model)
@@ -97,28 +101,28 @@ class Trainer:
             pipeline.sync_tied_weights()  # the last stage's copy starts as stage 0's matrix
         trainer = cls(cfg, dims, device, model, loss_fn, engine, train_data, valid_data,
                       ckpt.TrainState(), metrics, stop, pipeline)
-        if cfg.checkpoint.resume:
-            trainer.resume()
+        if resume_tag is not None:
+            trainer.resume(resume_tag)
         return trainer
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def resume(self) -> None:
-        tag = [ckpt.find_latest_complete(self.ckpt_dir) if self.dims.rank == 0 else None]
-        dist.broadcast_object_list(tag, src=0)  # every rank loads the same tag
-        if tag[0] is None:
+    def resume(self, tag: str | None = None) -> None:
+        """Continue from ``tag`` (default: the newest complete checkpoint of this run, if any)."""
+        tag = tag or _agreed_tag(self.ckpt_dir, self.dims)
+        if tag is None:
             return
-        saved = ckpt.read_meta(self.ckpt_dir, tag[0])["config"]["model"]
-        now = self.cfg.to_dict()["model"]
-        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
-        if diff:
-            flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
-            raise RuntimeError(f"checkpoint {self.ckpt_dir}/{tag[0]} has another architecture: {flags}. "
-                               f"Use the checkpoint's model flags, or a new --train.run_dir")
-        self.state = ckpt.load(self.engine, self.ckpt_dir, tag[0], grid=self.dims.sizes(), stage=self._stage)
+        meta = ckpt.read_meta(self.ckpt_dir, tag)
+        if meta.get("weights_only"):
+            raise ConfigError(f"{self.ckpt_dir}/{tag} holds weights only (no optimizer state), it cannot be "
+                               f"resumed: start a new run from it with --checkpoint.load {self.cfg.train.run_dir} "
+                               f"--train.run_dir NEW_DIR")
+        _check_architecture(f"checkpoint {self.ckpt_dir}/{tag}", meta["config"]["model"], self.cfg,
+                            "Use the checkpoint's model flags, or a new --train.run_dir")
+        self.state = ckpt.load(self.engine, self.ckpt_dir, tag, grid=self.dims.sizes(), stage=self._stage)
         if self.pipeline is not None:
             self.pipeline.sync_tied_weights()
         if self.dims.rank == 0:
-            print(f"resumed from {self.ckpt_dir}/{tag[0]} at step {self.state.step}", flush=True)
+            print(f"resumed from {self.ckpt_dir}/{tag} at step {self.state.step}", flush=True)
 
     @property
     def _stage(self) -> int | None:
@@ -169,6 +173,8 @@ class Trainer:
         """val_loss with training-style routing; for MoD models also val_loss_causal (the causal
         routing generation uses), predictor accuracy and flip rates (rank 0's, over routed layers)."""
         out = {"val_loss": self._eval_loss()}
+        if self.cfg.train.trailing_loss_tokens:
+            out["val_loss_trailing"] = self._eval_loss(last=self.cfg.train.trailing_loss_tokens)
         # Every rank must take the same branch (evaluation is collective), but a pipeline stage
         # may hold no routed block: decide over all ranks.
         # Not under CP: causal routing's per-token decisions give the CP ranks unequal token counts,
@@ -180,7 +186,9 @@ class Trainer:
         return _over_ranks(out) if self.dims.pp > 1 else out  # predictor statistics live on their stages
 
     @torch.no_grad()
-    def _eval_loss(self) -> float:
+    def _eval_loss(self, last: int = 0) -> float:
+        """Mean validation loss; ``last`` > 0: over the last ``last`` positions of each sequence
+        only, in a pass of its own (config.validate refuses it under PP)."""
         self.engine.eval()
         t = self.cfg.train
         batches = micro_batches(self.valid_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp, 0)
@@ -191,7 +199,10 @@ class Trainer:
                 total += self.pipeline.eval_loss(batch)
             else:
                 tokens, targets, positions = self._shard(batch)
-                total += self.loss_fn(self.engine(tokens, positions), targets)
+                out = self.engine(tokens, positions)
+                if last:  # the last positions of each sequence (validation refuses it under CP and PP)
+                    out, targets = out[:, -last:], targets[:, -last:]
+                total += self.loss_fn(out, targets)
         self.engine.train()
         return self._dp_mean(total / t.eval_steps)
 
@@ -271,6 +282,39 @@ class Trainer:
         else:
             values["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         self.metrics.log(step, values)
+
+
+def _agreed_tag(ckpt_dir: str, dims: ParallelDims) -> str | None:
+    """The newest complete tag as rank 0 sees it, so every rank loads the same one."""
+    tag = [ckpt.find_latest_complete(ckpt_dir) if dims.rank == 0 else None]
+    dist.broadcast_object_list(tag, src=0)
+    return tag[0]
+
+
+def _check_architecture(what: str, saved: dict[str, Any], cfg: Config, fix: str) -> None:
+    """Refuse weights of another shape, naming every --model flag that differs. The flavour is
+    only a preset of the other fields, so it is not compared."""
+    now = cfg.to_dict()["model"]
+    diff = {k: (saved.get(k), v) for k, v in now.items() if k != "flavour" and saved.get(k) != v}
+    if diff:
+        flags = ", ".join(f"--model.{k} (checkpoint {a!r}, now {b!r})" for k, (a, b) in diff.items())
+        raise ConfigError(f"{what} has another architecture: {flags}. {fix}")
+
+
+def _load_initial_weights(model: GPT, cfg: Config, dims: ParallelDims) -> None:
+    """--checkpoint.load: weights from any complete checkpoint, any grid (checkpoint.py)."""
+    try:
+        ckpt_dir, tag = ckpt.resolve_checkpoint(cfg.checkpoint.load)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--checkpoint.load: {e}") from None
+    meta = ckpt.read_meta(ckpt_dir, tag)
+    _check_architecture(f"--checkpoint.load {ckpt_dir}/{tag}", meta["config"]["model"], cfg,
+                        "Pass the checkpoint's model flags (tools/convert_from_hf.py writes them to OUTPUT/config.yaml)")
+    with torch.device("meta"):
+        full_names = set(GPT(cfg).state_dict())
+    ckpt.load_initial_weights(model, ckpt_dir, tag, full_names)
+    if dims.rank == 0:
+        print(f"initial weights from {ckpt_dir}/{tag} (fresh optimizer, step 0)", flush=True)
 
 
 def _over_ranks(local: dict[str, float]) -> dict[str, float]:

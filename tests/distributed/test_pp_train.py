@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from _harness import run_distributed
 from _trainers import batches_of, build_trainer, train_steps
@@ -45,6 +46,7 @@ MOD = ["--mod.enabled", "true", "--mod.every", "2", "--mod.capacity", "0.25", "-
 FOUR = {"pp4": (1, 4, 2, []), "pp2_dp2": (1, 2, 1, []), "tp2_pp2_sp": (2, 2, 2, ["--parallel.sequence_parallel", "true"]),
         "mod_pp2_dp2": (1, 2, 1, MOD), "mod_tp2_pp2_sp": (2, 2, 2, [*MOD, "--parallel.sequence_parallel", "true"])}
 EIGHT = {"tp2_pp2_dp2": (2, 2, 0, [])}  # ZeRO-0: the optimizer clips, its norm reduced over TP × PP
+EXPORTED = {"tp2_pp2_sp"}  # saved after the 10 steps, and after the ZeRO-0 step: exported to HF below
 
 
 def _cfg(run_dir: str, tp: int, pp: int, dp: int, zero: int, *extra: str):
@@ -83,13 +85,25 @@ def _first_step_grads(trainer) -> dict:
 
 
 def _run_grids(rank: int, world_size: int, tmp: str, grids: dict) -> dict:
+    from megamod.parallel.tensor import shard_dims
+
     out: dict = {}
     for label, (tp, pp, zero, extra) in grids.items():
         dp = world_size // (tp * pp)
         cfg = _cfg(os.path.join(tmp, label), tp, pp, dp, zero, "--checkpoint.resume", "false", *extra)
-        out[label] = train_steps(build_trainer(rank, world_size, cfg), STEPS)
+        trainer = build_trainer(rank, world_size, cfg)
+        out[label] = train_steps(trainer, STEPS)
+        if label in EXPORTED:
+            trainer.save()
         cfg0 = _cfg(os.path.join(tmp, label + "_z0"), tp, pp, dp, 0, "--checkpoint.resume", "false", *extra)
-        out[(label, "grads")] = _first_step_grads(build_trainer(rank, world_size, cfg0))
+        trainer0 = build_trainer(rank, world_size, cfg0)
+        out[(label, "grads")] = _first_step_grads(trainer0)
+        if label in EXPORTED:  # a ZeRO-0 checkpoint: one module file per TP rank and stage
+            trainer0.save()
+            dims = shard_dims(trainer0.model)
+            out[(label, "z0_params")] = {n: (p.detach().clone(), dims.get(n), trainer0.dims.coords()["tp"], tp)
+                                         for n, p in trainer0.model.named_parameters()
+                                         if not getattr(p, "pipeline_tied_copy", False)}
     return out
 
 
@@ -122,7 +136,39 @@ def _one_rank(rank: int, world_size: int, tmp: str) -> dict:
     export = consolidated_state_dict(os.path.join(run, "checkpoints"))
     out["export_matches"] = all(torch.equal(export[n], p) for n, p in trainer.model.state_dict().items())
     out["resumed_pp1"] = (trainer.state.step, train_steps(trainer, 2))
+    out.update(_tp2_pp2_export(rank, tmp))
     return out
+
+
+def _tp2_pp2_export(rank: int, tmp: str) -> dict:
+    """The tp=2 × pp=2 (ZeRO-2, SP) run's step-10 checkpoint exported to HF as it is, and after
+    resuming it on one rank (DeepSpeed's universal checkpoint reshards it to tp=1, pp=1) and
+    saving there: the files of both exports, byte for byte. And load_model's view of the tp2 ×
+    pp2 checkpoint, next to the resharded model's weights; and the ZeRO-0 checkpoint's."""
+    import shutil
+
+    import torch
+
+    from megamod.infer.hf_export import export
+    from megamod.infer.load import load_model, load_state
+
+    src = os.path.join(tmp, "tp2_pp2_sp")
+    copy = os.path.join(tmp, "tp2_pp2_resumed_at_tp1")
+    shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(copy, "checkpoints"))
+    trainer = _trainer(rank, 1, _cfg(copy, 1, 1, 1, 2))  # resumes step 10 on the other grid
+    trainer.cfg.train.run_dir = os.path.join(tmp, "resaved_tp1")  # its own checkpoint, written at tp=1
+    trainer.save()
+    files = {}
+    for name, run in (("tp2_pp2", src), ("tp1", os.path.join(tmp, "resaved_tp1"))):
+        sd, raw, _ = load_state(run)
+        assert raw["parallel"]["tp"] == (2 if name == "tp2_pp2" else 1)
+        out_dir = os.path.join(tmp, "hf_" + name)
+        export(sd, raw, out_dir, max_shard_bytes=100_000, verify=False)
+        files[name] = {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir))}
+    loaded, _ = load_model(src)
+    z0 = load_state(os.path.join(tmp, "tp2_pp2_sp_z0"))[0]
+    return {"hf_files": files, "resumed_step": trainer.state.step, "z0_state": z0,
+            "load_model_matches": all(torch.equal(loaded.state_dict()[n], p) for n, p in trainer.model.state_dict().items())}
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +235,24 @@ def test_pp2_checkpoint_resumes_at_pp1_and_at_pp2(runs):
             assert _close(norm, ref_norm, 5e-5), (norm, ref_norm)
     assert uninterrupted[SAVE_AT][0] == pytest.approx(ref[SAVE_AT][0], rel=1e-5)
     assert runs["one"]["export_matches"]
+
+
+def test_tp2_pp2_checkpoint_exports_as_the_one_resharded_to_tp1(runs):
+    """Same HF files, byte for byte (config, generation config, safetensors shards, index), from
+    the tp=2 × pp=2 checkpoint and from it resumed and saved at tp=1 × pp=1; load_model reads the
+    tp2 × pp2 checkpoint as the resharded model's exact weights; and a tp2 × pp2 ZeRO-0
+    checkpoint (module files per TP rank and stage) consolidates to every rank's exact slice."""
+    from megamod.parallel.tensor import shard_tensor
+
+    one = runs["one"]
+    assert one["resumed_step"] == STEPS
+    a, b = one["hf_files"]["tp2_pp2"], one["hf_files"]["tp1"]
+    assert sorted(a) == sorted(b) and sum(f.endswith(".safetensors") for f in a) > 1
+    assert all(a[f] == b[f] for f in a), [f for f in a if a[f] != b[f]]
+    assert one["load_model_matches"]
+    seen = set()
+    for rank_out in runs["four"]:
+        for name, (param, dim, tp_rank, tp) in rank_out[("tp2_pp2_sp", "z0_params")].items():
+            assert torch.equal(shard_tensor(one["z0_state"][name], dim, tp_rank, tp), param), name
+            seen.add(name)
+    assert seen == set(one["z0_state"]) - {"output.weight"}  # tied: the output is the embedding

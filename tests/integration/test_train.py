@@ -72,12 +72,12 @@ def test_data_parallel_and_accumulation_match_one_rank(tmp_path, train):
 def test_zero_stages_train_and_consolidate(tmp_path, train, stage):
     """Every ZeRO stage trains on 2 ranks, and its checkpoint consolidates (zero_to_fp32 for
     stages ≥ 1) into a state dict the single-device model loads with strict=True."""
-    from megamod.infer.generate import load_from_run
+    from megamod.infer.load import load_model
 
     train(tmp_path, "--train.steps", "4", "--optim.zero_stage", str(stage), nproc=2)
     losses = read_losses(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(list(losses.values()))))
-    model, _ = load_from_run(str(tmp_path))  # strict=True inside
+    model, _ = load_model(str(tmp_path))  # strict=True inside
     if stage < 3:  # stage 3 keeps only placeholders in its module files; zero_to_fp32 is the source
         saved = torch.load(tmp_path / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt",
                            weights_only=False)["module"]
@@ -102,8 +102,7 @@ def test_moba_and_mod_moba_train(tmp_path, train):
     ~ln(512) the 4-step loss moves by noise (one MoBA run went 6.244 -> 6.268)."""
     import json
 
-    from megamod.config import build_config
-    from megamod.infer.generate import load_from_run
+    from megamod.infer.load import load_model
     from megamod.model.gpt import build_model
 
     moba = ["--train.steps", "4", "--model.attention", "moba", "--moba.chunk_size", "8", "--moba.topk", "2",
@@ -113,8 +112,8 @@ def test_moba_and_mod_moba_train(tmp_path, train):
         losses = read_losses(tmp_path / name)
         assert sorted(losses) == [1, 2, 3, 4], name
         assert all(torch.isfinite(torch.tensor(list(losses.values())))), (name, losses)
-        trained, raw = load_from_run(str(tmp_path / name))
-        init = build_model(build_config(raw)).state_dict()
+        trained, cfg = load_model(str(tmp_path / name))
+        init = build_model(cfg).state_dict()
         for i in range(2):  # both layers are MoBA (layer 1 also routed with MoD)
             for w in ("wq", "wk", "wv", "wo"):
                 key = f"layers.{i}.attention.{w}.weight"
@@ -125,6 +124,24 @@ def test_moba_and_mod_moba_train(tmp_path, train):
         assert margin and all(first[k] >= 0 for k in margin), (name, sorted(first))
 
 
+def test_trailing_loss_is_logged_at_evaluation(tmp_path, train):
+    """--train.trailing_loss_tokens N logs val_loss_trailing, the loss on the last N positions: over
+    all 32 positions it is val_loss itself (same batches, same targets: a shifted target would
+    change it), over the last 8 another value."""
+    import json
+
+    def valid(run: str, n: int) -> dict:
+        train(tmp_path / run, "--train.steps", "2", "--train.trailing_loss_tokens", str(n))
+        with open(tmp_path / run / "metrics.jsonl") as f:
+            return [r for r in map(json.loads, f) if r["kind"] == "valid"][-1]
+
+    whole = valid("whole", 32)
+    assert whole["val_loss_trailing"] == whole["val_loss"]
+    last8 = valid("last8", 8)
+    assert last8["val_loss"] == whole["val_loss"]  # same seed, same run
+    assert last8["val_loss_trailing"] != last8["val_loss"] and math.isfinite(last8["val_loss_trailing"])
+
+
 def test_pipeline_cli_trains_evaluates_and_exports(tmp_path, train):
     """The real CLI at pp=2 (torchrun, 2 ranks) on a MoD model: training losses, validation loss
     through the pipeline (forward-only schedule) and the causal-routing validation loss all equal
@@ -132,7 +149,7 @@ def test_pipeline_cli_trains_evaluates_and_exports(tmp_path, train):
     reads the two-stage checkpoint as the single-device model."""
     import json
 
-    from megamod.infer.generate import load_from_run
+    from megamod.infer.load import load_model
 
     common = ["--train.steps", "4", "--model.n_layers", "4", "--train.grad_accum", "2", "--train.micro_batch_size",
               "2", "--train.eval_interval", "2", "--mod.enabled", "true", "--mod.capacity", "0.5"]
@@ -152,8 +169,8 @@ def test_pipeline_cli_trains_evaluates_and_exports(tmp_path, train):
     for s in v1:
         for key in ("val_loss", "val_loss_causal"):
             assert v2[s][key] == pytest.approx(v1[s][key], rel=1e-5), (s, key)
-    model, _ = load_from_run(str(tmp_path / "pp2"))  # strict=True inside
-    ref, _ = load_from_run(str(tmp_path / "pp1"))
+    model, _ = load_model(str(tmp_path / "pp2"))  # strict=True inside
+    ref, _ = load_model(str(tmp_path / "pp1"))
     for name, p in ref.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], p, rtol=1e-4, atol=1e-6, msg=name)
 

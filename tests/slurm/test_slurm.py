@@ -6,7 +6,8 @@
 - SIGUSR1 to the batch shell only is forwarded to the ranks; plain scancel (SIGTERM) checkpoints
   but leaves the job cancelled;
 - --train.exit_after_minutes: the job checkpoints and ends; resubmitted, it resumes the same way;
-- an isoFLOP plan runs as a job array, one run directory per line.
+- an isoFLOP manifest (tools/isoflop.py plan) runs as a job array, one run directory per run, and a
+  resubmitted array skips the finished runs.
 """
 
 from __future__ import annotations
@@ -213,19 +214,45 @@ def test_exit_after_minutes_checkpoints_and_a_resubmitted_job_resumes(slurm_clus
 
 
 def test_isoflop_plan_runs_as_a_job_array(slurm_cluster, tmp_path):
-    plan = tmp_path / "sweep.plan"
-    plan.write_text("# name  overrides\nsmall --train.steps 3\n\nlarge --train.steps 5\n")
+    """A 2-run manifest of debug models (depths 1 and 2 by the width/depth rule) planned by
+    tools/isoflop.py runs as a job array, one run directory per run, each adding its row to the
+    sweep's results table; submitted again, both tasks find their run finished and skip it."""
+    import json
+
+    spec = tmp_path / "sweep.yaml"
+    model_free = [a for i, a in enumerate(TRAIN_ARGS) if not (a.startswith("--model.") or
+                                                             (i and TRAIN_ARGS[i - 1].startswith("--model.")))]
+    spec.write_text(json.dumps({
+        "config": CONFIG, "overrides": [*model_free, "--model.vocab_size", "512"], "min_steps": 5, "tolerance": 0.2,
+        "world_size": 2,  # the array tasks run 2 ranks: a step is 2 x 4 sequences
+        "rule": {"aspect": 32, "head_dim": 16, "ffn_multiple": 16},
+        "groups": [{"name": "g", "budgets": [2e9], "variants": ["dense"], "depths": [1, 2]}]}))
+    manifest = tmp_path / "sweep.json"
+    subprocess.run([sys.executable, str(REPO / "tools" / "isoflop.py"), "plan", str(spec), "--out", str(manifest)],
+                   check=True, capture_output=True, env=job_env())
+    runs = json.loads(manifest.read_text())["runs"]
+    assert len(runs) == 2
     sweep_dir = tmp_path / "sweep"
-    env = {**job_env(), "MEGAMOD_SWEEP_DIR": str(sweep_dir), "MEGAMOD_CONFIG": CONFIG}
-    out = subprocess.run(
-        ["bash", str(REPO / "slurm" / "isoflop_submit.sh"), str(plan), *SBATCH_TWO_CPU_TASKS,
-         f"--output={tmp_path}/slurm-%A_%a.out", "--", *TRAIN_ARGS],
-        capture_output=True, text=True, env={**env, "SLURM_CONF": slurm_cluster.conf}, check=True,
-        stdin=subprocess.DEVNULL,
-    ).stdout
-    m = re.search(r"submitted 2 runs of .* as job array (\d+)", out)
-    assert m, out
-    for index, (name, steps) in enumerate([("small", 3), ("large", 5)]):
-        job = slurm_cluster.wait(f"{m[1]}_{index}", JOB_TIMEOUT_S)
-        assert job["JobState"] == "COMPLETED", (tmp_path / f"slurm-{m[1]}_{index}.out").read_text()
-        assert max(loss_by_file(sweep_dir / name)[-1]) == steps
+    env = {**job_env(), "MEGAMOD_SWEEP_DIR": str(sweep_dir), "SLURM_CONF": slurm_cluster.conf}
+
+    def submit() -> str:
+        out = subprocess.run(
+            ["bash", str(REPO / "slurm" / "isoflop_submit.sh"), str(manifest), *SBATCH_TWO_CPU_TASKS,
+             f"--output={tmp_path}/slurm-%A_%a.out"],
+            capture_output=True, text=True, env=env, check=True, stdin=subprocess.DEVNULL).stdout
+        m = re.search(r"submitted 2 runs of .* as job array (\d+)", out)
+        assert m, out
+        for index in range(2):
+            job = slurm_cluster.wait(f"{m[1]}_{index}", JOB_TIMEOUT_S)
+            assert job["JobState"] == "COMPLETED", (tmp_path / f"slurm-{m[1]}_{index}.out").read_text()
+        return m[1]
+
+    submit()
+    for run in runs:
+        assert max(loss_by_file(sweep_dir / run["name"])[-1]) == run["steps"]
+        assert (sweep_dir / run["name"] / "isoflop_done.json").exists()
+    table = (sweep_dir / "results.csv").read_text()
+    assert all(run["name"] in table for run in runs) and len(table.splitlines()) == 3
+    again = submit()
+    for index, run in enumerate(runs):
+        assert "is finished: skipped" in (tmp_path / f"slurm-{again}_{index}.out").read_text()

@@ -67,6 +67,8 @@ def test_bad_yaml_file(tmp_path):
     (["--optim.zero_stage", "4"], 1, "--optim.zero_stage"),
     (["--train.bf16_mode", "master_fused", "--parallel.dp", "2"], 2, "--train.bf16_mode master_fused runs on one"),
     (["--train.bf16_mode", "master_fused", "--optim.zero_stage", "1"], 1, "at --optim.zero_stage 0"),
+    (["--train.trailing_loss_tokens", "300"], 1, "--train.trailing_loss_tokens 300 must be in 0..--train.seq_len 256"),
+    (["--train.trailing_loss_tokens", "8", "--parallel.pp", "2"], 2, "not supported with --parallel.pp > 1 or --parallel.cp > 1"),
 ])
 def test_impossible_sizes(argv, world, flag):
     cfg = load_config(None, argv + SYN)

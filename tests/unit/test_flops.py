@@ -48,22 +48,23 @@ def test_flops_agree_with_flop_counter(argv):
     assert step.get_total_flops() == pytest.approx(train_flops_per_step(cfg, 1), rel=0.02)
 
 
-def test_moba_layer_flops_count_the_attended_pairs_and_the_gate():
-    """debug flavour (d 128), S 256, MoBA block 64, topk 3 (2 picks): own blocks 4 · 64·65/2 = 8,320
-    pairs; picks: block 1's queries 1·64 keys each, blocks 2 and 3's 2·64: 64·(64 + 128 + 128) =
-    20,480; attention 4·d·28,800 = 14,745,600; gate 2·d·64·(0 + 1 + 2 + 3) = 98,304; linears
-    2·256·212,992 = 109,051,904. Total 123,895,808. A layer kept dense: 142,606,336 as before."""
-    cfg = _cfg("--model.attention", "moba", "--moba.chunk_size", "64", "--moba.topk", "3",
-               "--moba.full_attention_layers", "-1")
-    assert layer_forward_flops(cfg, 0, 256) == 123_895_808
-    assert layer_forward_flops(cfg, 3, 256) == 142_606_336
-    # topk covering every block: MoBA is causal attention, half the dense square plus the diagonal
-    full = _cfg("--model.attention", "moba", "--moba.chunk_size", "64", "--moba.topk", "4")
-    assert layer_forward_flops(full, 0, 256) == 109_051_904 + 4 * 128 * (256 * 257 // 2) + 98_304
-
-
 def test_mod_forward_is_cheaper():
     """Blocks 1, 3 at 12.5%, S 256: blocks 4·142.6M -> 2·142.6M + 2·15.3M; plus the output layer
     2·S·d·V = 268.4M in both: 584,204,288 / 838,860,800 = 0.6964."""
     dense, mod = forward_flops_per_sequence(_cfg()), forward_flops_per_sequence(_cfg("--mod.enabled", "true"))
     assert mod / dense == pytest.approx(584_204_288 / 838_860_800)
+
+
+def test_moba_layer_flops_by_hand():
+    """debug flavour, S 256, MoBA blocks of 64, top-3: each query attends to 3·64 = 192 keys,
+    4·S·192·d = 25,165,824, and the gate scores 4 blocks, 2·S·4·d = 262,144; the linears as a
+    dense layer, 2·256·212,992 = 109,051,904. Total 134,479,872 (dense: 142,606,336).
+    full_attention_layers [-1] keeps block 3 dense; at S <= topk·B every key is attended."""
+    cfg = _cfg("--model.attention", "moba", "--moba.chunk_size", "64", "--moba.topk", "3",
+               "--moba.full_attention_layers", "-1")
+    assert layer_forward_flops(cfg, 0, 256) == 134_479_872
+    assert layer_forward_flops(cfg, 3, 256) == 142_606_336
+    assert layer_forward_flops(cfg, 0, 128) == 2 * 128 * 212_992 + 4 * 128 * 128 * 128 + 2 * 128 * 2 * 128
+    routed = _cfg("--model.attention", "moba", "--moba.chunk_size", "64", "--moba.topk", "3", "--mod.enabled", "true",
+                  "--mod.routing", "random", "--mod.capacity", "0.5")  # k = 128 tokens through MoBA
+    assert layer_forward_flops(routed, 1, 256) == layer_forward_flops(cfg, 0, 128)

@@ -127,3 +127,35 @@ def test_greedy_sample_with_moba_uses_the_cache_and_equals_rerunning_the_prefix(
     for _ in range(12):
         ids.append(int(fwd(torch.tensor([ids]))[0, -1].argmax()))
     assert got == ids[7:]
+
+
+@torch.no_grad()
+def test_moba_decoding_gathers_at_most_topk_blocks(monkeypatch):
+    """Token-by-token decoding of 28 tokens (7 blocks of 4; topk 3, so at most 12 keys a query):
+    every decode step's attention gets key tensors of at most topk · chunk = 12 keys, however
+    long the cache, and each query head attends to exactly its own block's entries up to itself
+    plus chunk keys per selected past block (min(topk - 1, blocks before it)); the logits equal
+    a full forward's at every position (fp32, 1e-5)."""
+    import megamod.model.kv_cache as kv
+
+    model, cfg = _model("--moba.topk", "3")
+    chunk, topk, n = 4, 3, 28
+    tokens = torch.randint(0, 256, (2, n))
+    full = model(tokens)
+    key_lengths = []
+    sdpa = kv.F.scaled_dot_product_attention
+    monkeypatch.setattr(kv.F, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: (key_lengths.append(k.shape[-2]), sdpa(q, k, *a, **kw))[1])
+    cache = KVCache.for_model(model, batch_size=2, max_len=n)
+    outs = [model(tokens[:, :1], positions=torch.arange(1), cache=cache)]
+    for t in range(1, n):
+        outs.append(model(tokens[:, t:t + 1], positions=torch.tensor([t]), cache=cache))
+        own = t // chunk
+        want = t % chunk + 1 + chunk * min(topk - 1, own)
+        for layer in cache.layers.values():
+            assert layer.attended.shape == (2, 1, 4)
+            assert (layer.attended == want).all(), (t, layer.attended, want)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    assert len(key_lengths) == cfg.model.n_layers * (n - 1)  # one attention call per layer and step, none on prefill
+    assert max(key_lengths) <= topk * chunk < n
+    assert cache.lengths()[0] == [n, n]
