@@ -134,6 +134,12 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile each block")
     loss_chunk_tokens: int = _f(0, "compute the output projection and cross-entropy this many tokens at a time, "
                                    "recomputed in backward, so the full logits never exist (long sequences; 0: off)")
+    fp8: Literal["off", "tensorwise", "rowwise"] = _f(
+        "off", "FP8 matmuls in the block linears (attention wq/wk/wv/wo, feed-forward w1/w2/w3) through torchao's "
+        "float8 training, scaled 'tensorwise' (one scale a tensor: the faster) or 'rowwise' (one a row: the more "
+        "accurate); the output projection, MoD router and predictor, embedding and norms stay bf16, and "
+        "checkpoints keep bf16/fp32 weights. Needs a GPU of compute capability 8.9+ (Ada, Hopper), torchao "
+        "(pip install 'megamod[fp8]'), bf16 and optim.zero_stage 0-2; use with train.compile for speed")
     bf16_mode: Literal["auto", "master_fused", "master_weights", "autocast"] = _f(
         "auto", "how bf16 training runs (train.dtype bf16): 'master_fused' keeps bf16 weights and megamod's "
         "MasterAdamW holds the fp32 master weights and moments, stepped (and clipped) in one fused kernel (one "

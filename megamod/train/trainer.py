@@ -25,6 +25,7 @@ from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_a
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
 from megamod.parallel.context import shard_batch
 from megamod.parallel.dims import ParallelDims
+from megamod.parallel.fp8 import apply_fp8, check_fp8_support
 from megamod.parallel.loss import LossFn, build_loss_fn
 from megamod.parallel.parallelize import parallelize_model
 from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
@@ -74,6 +75,9 @@ class Trainer:
               stop: StopController | None = None) -> "Trainer":
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
+        if cfg.train.fp8 != "off":  # before checkpointing and compile wrap the blocks (parallel/fp8.py)
+            check_fp8_support(device)
+            apply_fp8(model, cfg.train.fp8)
         # MoD aux gradients: scaled like the LM loss (DeepSpeed divides it by grad_accum; a CP rank's
         # share of a sequence's mean is 1/cp of its local mean)
         set_aux_loss_scale(model, 1.0 / (cfg.train.grad_accum * dims.cp))
@@ -85,9 +89,10 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         loss_fn = build_loss_fn(cfg, dims, model)
-        if cfg.train.compile and not cfg.train.loss_chunk_tokens:  # the chunked loss recomputes: eager
+        if cfg.train.compile:
             apply_compile(model)
-            loss_fn = compile_loss(loss_fn, dims.tp)
+            if not cfg.train.loss_chunk_tokens:  # the chunked loss compiles its chunks itself (loss.py)
+                loss_fn = compile_loss(loss_fn, dims.tp)
         engine = build_engine(cfg, model, dims, device)
         train_data, valid_data = build_train_valid(cfg, dims.dp)
         metrics = MetricsLogger(cfg.train.run_dir, enabled=dims.rank == 0, tensorboard=cfg.logging.tensorboard,
@@ -228,7 +233,11 @@ class Trainer:
         batches = micro_batches(self.train_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp,
                                 self.state.consumed_samples, cfg.model.vocab_size)
         dtype = resolve_dtype(cfg, self.device)
-        peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu", dtype)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        # MFU against the bf16 peak, FP8 runs included (so runs compare); FP8 runs also against the FP8 peak
+        peaks = {"mfu": peak_flops(name, dtype)}
+        if t.fp8 != "off":
+            peaks["mfu_fp8_peak"] = peak_flops(name, "fp8")
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.dims.dp * t.seq_len
         last: dict[str, float] = {}
         if self.state.step == 0 and t.eval_interval > 0:
@@ -245,7 +254,7 @@ class Trainer:
                     last["loss"] = self._dp_mean(loss)  # syncs: only at log intervals
                     self.guard.check(step)  # too many skipped steps in a row: TooManySkips, no save
                     elapsed = time.perf_counter() - window_start
-                    self._log_train(step, last["loss"], elapsed / window_steps, tokens_per_step, peak)
+                    self._log_train(step, last["loss"], elapsed / window_steps, tokens_per_step, peaks)
                     window_start, window_steps = time.perf_counter(), 0
                 if t.eval_interval > 0 and step % t.eval_interval == 0 and step != t.steps:
                     val = self.evaluate()
@@ -276,7 +285,8 @@ class Trainer:
             self.stop.uninstall()
             self.metrics.close()
 
-    def _log_train(self, step: int, loss: float, step_time: float, tokens_per_step: int, peak: float | None) -> None:
+    def _log_train(self, step: int, loss: float, step_time: float, tokens_per_step: int,
+                   peaks: dict[str, float | None]) -> None:
         flops_per_rank = self.step_flops / self.dims.world_size  # every rank does an equal share
         tflops = flops_per_rank / step_time / 1e12  # per device
         values = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _float(self.engine.get_global_grad_norm()),
@@ -288,8 +298,7 @@ class Trainer:
             if hasattr(module, "log_metrics"):  # seam for MoD routers, MoBA gates, ...
                 module_values.update({f"{name}/{k}": v for k, v in module.log_metrics().items()})
         values.update(_over_ranks(module_values))
-        if peak:
-            values["mfu"] = tflops * 1e12 / peak
+        values.update({key: tflops * 1e12 / peak for key, peak in peaks.items() if peak})
         if self.device.type == "cuda":
             values["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
