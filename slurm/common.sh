@@ -15,7 +15,8 @@
 #     from the newest complete checkpoint in the same run directory.
 #
 # Other environment knobs: MEGAMOD_TRAIN_CMD (default "python -m megamod.train"; e.g. a profiler
-# wrapper or a test stand-in), MEGAMOD_ROOT (the repository; found from the job's script path).
+# wrapper or a test stand-in), MEGAMOD_ROOT (the repository; found from the job's script path),
+# MEGAMOD_MAX_RESTARTS (requeues after a rank fails, default 2; see megamod_requeue_on_failure).
 
 megamod_log() {
     local line
@@ -121,7 +122,7 @@ megamod_srun() {
     # shellcheck disable=SC2064  # $pid is meant to expand now
     trap "megamod_log 'batch shell got SIGUSR1: forwarding to srun'; kill -USR1 $pid 2>/dev/null" USR1
     # shellcheck disable=SC2064
-    trap "megamod_log 'batch shell got SIGTERM: forwarding to srun'; kill -TERM $pid 2>/dev/null" TERM
+    trap "MEGAMOD_GOT_TERM=1; megamod_log 'batch shell got SIGTERM: forwarding to srun'; kill -TERM $pid 2>/dev/null" TERM
     # `wait` returns early whenever a trapped signal arrives: wait until srun is really gone.
     while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
     wait "$pid" && rc=0 || rc=$?
@@ -144,5 +145,26 @@ megamod_run() {
     megamod_srun "${train_cmd[@]}" --config "$MEGAMOD_CONFIG" --train.run_dir "$MEGAMOD_RUN_DIR" \
         "${MEGAMOD_ARGS[@]}" || rc=$?
     megamod_log "srun exited with $rc; logs in $MEGAMOD_LOG"
+    megamod_requeue_on_failure "$rc"
     return "$rc"
+}
+
+# A rank that died or hung ends the step (srun --kill-on-bad-exit; its peers exit 3 naming it):
+# requeue the job, at most MEGAMOD_MAX_RESTARTS times (default 2, torchrun's --max-restarts), and
+# the requeued job resumes from the newest complete checkpoint. Not after the exits a restart
+# would only repeat: 2 bad input, 4 too many skipped steps, 5 a checkpoint that could not be saved
+# (megamod/train/cli.py lists them).
+megamod_requeue_on_failure() {
+    local rc=$1 restarts=${SLURM_RESTART_COUNT:-0} max=${MEGAMOD_MAX_RESTARTS:-2}
+    case $rc in 0 | 2 | 4 | 5) return 0 ;; esac
+    # SIGTERM reached this shell: Slurm is ending the job (scancel, the time limit) or requeueing
+    # it already (rank 0's `scontrol requeue` after SIGUSR1).
+    [[ -n ${MEGAMOD_GOT_TERM:-} ]] && return 0
+    if ((restarts >= max)); then
+        megamod_log "not requeueing after exit $rc: restarted $restarts time(s) already (MEGAMOD_MAX_RESTARTS=$max)"
+        return 0
+    fi
+    megamod_log "a rank failed (srun exit $rc): requeueing, restart $((restarts + 1)) of $max;" \
+        "the job resumes from the newest complete checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" || megamod_log "scontrol requeue failed: resubmit the job to resume"
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Literal
 
@@ -39,6 +40,8 @@ def _coerce(flag: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             value = [value]
         return [_coerce(flag, item, v) for v in value]
+    if isinstance(value, (dict, list, tuple, set)):
+        raise ConfigError(f"--{flag} expects a single value, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -56,6 +59,8 @@ def _coerce(flag: str, tp: Any, value: Any) -> Any:
             raise ConfigError(f"--{flag} expects {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"--{flag} expects an integer, got {value!r}")
+        if tp is float and not math.isfinite(out):
+            raise ConfigError(f"--{flag} expects a finite number, got {value!r}")
         return out
     if tp is str:
         return str(value)
@@ -139,6 +144,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: top level must be a mapping of sections")
+        raw = {k: {} if v is None else v for k, v in raw.items()}  # a section with every field commented out
+        bad = [k for k, v in raw.items() if not isinstance(v, dict)]
+        if bad:
+            raise ConfigError(f"--config {path}: section {bad[0]!r} must be a mapping of field: value")
     return build_config(_merge(raw, parse_overrides(overrides or [])))
 
 

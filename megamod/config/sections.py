@@ -134,6 +134,12 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile each block")
     loss_chunk_tokens: int = _f(0, "compute the output projection and cross-entropy this many tokens at a time, "
                                    "recomputed in backward, so the full logits never exist (long sequences; 0: off)")
+    fp8: Literal["off", "tensorwise", "rowwise"] = _f(
+        "off", "FP8 matmuls in the block linears (attention wq/wk/wv/wo, feed-forward w1/w2/w3) through torchao's "
+        "float8 training, scaled 'tensorwise' (one scale a tensor: the faster) or 'rowwise' (one a row: the more "
+        "accurate); the output projection, MoD router and predictor, embedding and norms stay bf16, and "
+        "checkpoints keep bf16/fp32 weights. Needs a GPU of compute capability 8.9+ (Ada, Hopper), torchao "
+        "(pip install 'megamod[fp8]'), bf16 and optim.zero_stage 0-2; use with train.compile for speed")
     bf16_mode: Literal["auto", "master_fused", "master_weights", "autocast"] = _f(
         "auto", "how bf16 training runs (train.dtype bf16): 'master_fused' keeps bf16 weights and megamod's "
         "MasterAdamW holds the fp32 master weights and moments, stepped (and clipped) in one fused kernel (one "
@@ -150,6 +156,17 @@ class TrainConfig:
     exit_after_minutes: float = _f(0.0, "save and exit cleanly after this wall time (0: no limit)")
     exit_at_step: int = _f(0, "save and exit after this step, keeping the schedule of train.steps (0: off)")
     progress: Literal["auto", "on", "off"] = _f("auto", "console progress bar (auto: only on a terminal)")
+    collective_timeout_s: float = _f(600.0, "a collective that waits longer than this for a peer fails, and a rank "
+                                     "whose heartbeat stops for this long is declared failed: the survivors exit "
+                                     "non-zero naming it (gloo and NCCL; torchrun --max-restarts or a Slurm requeue "
+                                     "then resumes from the newest complete checkpoint). Work one rank does while "
+                                     "the others wait must fit in it: a first-time sample index over a large corpus, "
+                                     "a checkpoint converted for another grid (Megatron's default is 10 minutes too)")
+    max_consecutive_skips: int = _f(5, "stop with an error after this many optimizer steps in a row were skipped "
+                                    "for a non-finite loss or gradient (or a loss spike); 0: never stop")
+    spike_sigma: float = _f(0.0, "also skip a step when a micro-batch loss exceeds mean + spike_sigma·std of that "
+                            "rank's last train.spike_window micro-batch losses (0: off)")
+    spike_window: int = _f(100, "micro-batch losses the loss-spike guard keeps (train.spike_sigma)")
 
 
 @dataclass
@@ -158,6 +175,14 @@ class CheckpointConfig:
     keep_last: int = _f(3, "complete checkpoints to keep")
     resume: bool = _f(True, "resume from the newest complete checkpoint in the run directory")
     save_at_end: bool = _f(True, "save when training ends (false: benchmarks whose weights are thrown away)")
+    verify: bool = _f(True, "on resume, check every file of the checkpoint against the sizes and checksums its "
+                      "manifest recorded")
+    fallback: bool = _f(True, "when the newest complete checkpoint fails verification, resume from the previous one "
+                        "(false: stop with an error naming the bad file)")
+    on_save_error: Literal["continue", "stop"] = _f(
+        "continue", "a save that fails (disk full, I/O error) leaves the previous checkpoint and `latest` as they were "
+        "and is reported; then keep training ('continue', the next save retries) or exit non-zero ('stop'). A save "
+        "at the end of training or at a stop request that fails always exits non-zero")
     load: str = _f("", "initial weights from this checkpoint (a run directory, its checkpoints/ or a step_* "
                        "directory; any grid, or tools/convert_from_hf.py's output) with a fresh optimizer and step 0; "
                        "ignored once this run has its own checkpoint to resume")

@@ -3,6 +3,7 @@ arithmetic on a ``Config`` and a world size, before any process group exists."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from megamod.config.sections import Config, ConfigError
@@ -99,12 +100,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.loss_chunk_tokens and cfg.optim.zero_stage == 3:
         raise ConfigError("--train.loss_chunk_tokens uses the output weight outside its module, which ZeRO-3 "
                           "releases after the forward; use --optim.zero_stage 2 (or 1), or --train.loss_chunk_tokens 0")
+    if t.fp8 != "off":
+        _validate_fp8(cfg)
     if cfg.checkpoint.load and not os.path.isdir(cfg.checkpoint.load):
         raise ConfigError(f"--checkpoint.load {cfg.checkpoint.load}: no such directory (give a run directory, its "
                           f"checkpoints/ or a step_* directory)")
-    for name in ("steps", "seq_len", "micro_batch_size", "grad_accum"):
+    for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "log_interval", "eval_steps", "spike_window"):
         if getattr(t, name) < 1:
             raise ConfigError(f"--train.{name} must be >= 1")
+    for name in ("eval_interval", "exit_at_step", "exit_after_minutes", "max_consecutive_skips", "spike_sigma"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"--train.{name} must be >= 0")
+    if t.collective_timeout_s <= 0:
+        raise ConfigError(f"--train.collective_timeout_s {t.collective_timeout_s} must be positive (seconds)")
+    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("--checkpoint.interval must be >= 0 and --checkpoint.keep_last >= 1")
     if not 0 <= t.trailing_loss_tokens <= t.seq_len:
         raise ConfigError(f"--train.trailing_loss_tokens {t.trailing_loss_tokens} must be in 0..--train.seq_len "
                           f"{t.seq_len}")
@@ -144,3 +154,33 @@ def _validate_mod_windows(cfg: Config) -> None:
                               f"--mod.window, --mod.capacity or --moba.chunk_size")
 
 
+
+
+def _validate_fp8(cfg: Config) -> None:
+    """FP8 training (train.fp8): what can be refused before a device exists. The GPU itself
+    (compute capability 8.9+) and torchao are checked when the trainer starts
+    (parallel/fp8.check_fp8_support)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if t.device == "cpu" or t.dtype == "fp32":
+        raise ConfigError(f"--train.fp8 {t.fp8} runs on a GPU in bf16 (FP8 products inside a bf16 model); this run "
+                          f"asks for --train.device {t.device} --train.dtype {t.dtype}: set --train.fp8 off, or "
+                          f"--train.device cuda (or auto) and --train.dtype bf16 (or auto)")
+    if cfg.optim.zero_stage == 3:
+        raise ConfigError("--train.fp8 is supported with --optim.zero_stage 0, 1 or 2 (ZeRO-3's partitioned weights "
+                          "are untested with torchao's float8 linears); use --optim.zero_stage 2")
+    # FP8 GEMMs (cuBLASLt) need every dimension that is ever a product's inner or output size to
+    # be a multiple of 16: weight features (per TP shard) and, in the weight gradient, the tokens.
+    kv = m.n_kv_heads * m.head_dim
+    features = {"--model.d_model": m.d_model, "--model.d_model (per TP rank)": m.d_model // p.tp,
+                "--model.n_kv_heads·head_dim (per TP rank)": kv // p.tp,
+                "--model.ffn_hidden (per TP rank)": m.ffn_hidden // p.tp}
+    tokens = {"--train.micro_batch_size·seq_len/cp": t.micro_batch_size * t.seq_len // p.cp}
+    if cfg.mod.enabled and p.cp == 1:
+        w = cfg.mod.window or t.seq_len
+        tokens["--train.micro_batch_size·(tokens a MoD block routes)"] = (
+            t.micro_batch_size * (t.seq_len // w) * max(1, math.floor(cfg.mod.capacity * w)))
+    bad = {k: v for k, v in {**features, **tokens}.items() if v % 16}
+    if bad:
+        what = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        raise ConfigError(f"--train.fp8: FP8 matrix products need sizes that are multiples of 16, and {what} is not; "
+                          f"change those sizes or set --train.fp8 off")

@@ -22,8 +22,8 @@ says where each sequence starts. Files written here are read by Megatron-LM and 
 no padding, so sequence i occupies bytes [pointer[i], pointer[i] + itemsize·length[i]).
 
 Megatron calls D "document count" although it counts the leading 0 too; we keep its meaning so
-the bytes match. ``tools/preprocess_data.py`` writes one sequence per document, so there
-doc = [0, 1, …, S].
+the bytes match. ``tools/preprocess_data.py`` writes one sequence per non-empty document and none
+for an empty one (as Megatron's does), so there doc[k+1] - doc[k] is 1, or 0 for an empty document.
 
 Writing goes to temporary names that are renamed only in ``finalize``, .bin before .idx, after
 removing any old .idx: a crash at any point leaves either the previous complete pair, or a .bin
@@ -147,8 +147,11 @@ class IndexedDatasetBuilder:
             raise ValueError(f"a document must be a 1-D token sequence, got shape {arr.shape}")
         self.add_documents(arr, np.array([arr.size], dtype=np.int64))
 
-    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Many one-sequence documents at once: ``tokens`` is their concatenation."""
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray, empty_sequence: bool = True) -> None:
+        """Many one-sequence documents at once: ``tokens`` is their concatenation. An empty
+        document is one empty sequence, or with ``empty_sequence=False`` no sequence at all (a
+        document-index entry only, as Megatron's preprocess_data writes it: several datasets
+        made from one jsonl keep the same document numbering)."""
         tokens = np.asarray(tokens)
         lengths = np.asarray(lengths, dtype=np.int64).reshape(-1)
         if tokens.ndim != 1 or int(lengths.sum()) != tokens.size or (lengths < 0).any():
@@ -156,9 +159,10 @@ class IndexedDatasetBuilder:
                              f"{tokens.size} tokens")
         self._check_range(tokens)
         self._bin.write(tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-        self._lengths.append(lengths)
-        self._doc_ends.append(self._num_sequences + np.arange(1, len(lengths) + 1, dtype=np.int64))
-        self._num_sequences += len(lengths)
+        sequences = np.ones(len(lengths), dtype=np.int64) if empty_sequence else (lengths > 0).astype(np.int64)
+        self._lengths.append(lengths[sequences > 0])
+        self._doc_ends.append(self._num_sequences + np.cumsum(sequences))
+        self._num_sequences += int(sequences.sum())
 
     def add_index(self, prefix: str) -> None:
         """Append a whole existing dataset (documents and their sequence structure)."""
@@ -283,8 +287,16 @@ class IndexedDataset:
         if n_doc > 1 and (np.diff(doc) < 0).any():
             self._fail(idx, "document indices decrease")
         item = self.dtype.itemsize
-        if n_seq and (self.pointers % item != 0).any():
-            self._fail(idx, f"a sequence pointer is not a multiple of the token size {item}")
+        if n_seq:
+            # Back to back (the layout above): a damaged length or pointer would otherwise read
+            # another sequence's tokens without any error.
+            expected = np.zeros(n_seq, dtype=np.int64)
+            np.cumsum(self.sizes[:-1].astype(np.int64) * item, out=expected[1:])
+            bad = np.flatnonzero(self.pointers != expected)
+            if bad.size:
+                i = int(bad[0])
+                self._fail(idx, f"sequence {i} starts at byte {int(self.pointers[i])}, but the lengths before it put "
+                                f"it at {int(expected[i])} (a damaged index: sequences are stored back to back)")
 
     def close(self) -> None:
         # Views into the maps must go first or the mmap cannot be released.

@@ -77,7 +77,8 @@ def encode_chunk(task: EncodeTask) -> EncodedChunk:
         ids = [tok.encode(t) for t in texts]
         if task.append_eod:
             for x in ids:
-                x.append(tok.eod_id)
+                if x:  # an empty document stays empty (no lone EOD), as in Megatron's preprocess_data
+                    x.append(tok.eod_id)
         lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         tokens.append(np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lens.sum())))
         lengths.append(lens)
@@ -163,7 +164,7 @@ def preprocess(inputs: Sequence[str], prefix: str, model_path: str, keys: Sequen
                 stats.bad.append((c.file.path, line0 + n, why))
             line0 += r.num_lines
             for b, toks, lens in zip(builders, r.tokens, r.lengths):
-                b.add_documents(toks, lens)
+                b.add_documents(toks, lens, empty_sequence=False)  # an empty document writes no sequence
             stats.docs += r.num_docs
             stats.tokens += sum(int(t.size) for t in r.tokens)
             stats.bytes += r.num_bytes

@@ -70,10 +70,14 @@ def train_flops_per_step(cfg: Config, sequences: int) -> int:
 
 
 def peak_flops(device_name: str, dtype: str) -> float | None:
-    """Dense peak FLOP/s for MFU; None where unknown (CPU). H100 SXM bf16: 989 TFLOP/s."""
+    """Dense peak FLOP/s for MFU: dtype "bf16", "fp32" (tf32) or "fp8"; None where unknown (CPU,
+    FP8 on a GPU without it). H100/H200 SXM: 989 TFLOP/s bf16, 1979 FP8 (twice bf16), 495 tf32."""
     name = device_name.upper()
     table = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+    has_fp8 = ("H200", "H100")
     for key, bf16 in table.items():
         if key in name:
+            if dtype == "fp8":
+                return 2 * bf16 if key in has_fp8 else None
             return bf16 if dtype == "bf16" else bf16 / 2  # tf32 is half the bf16 rate
     return None

@@ -112,6 +112,15 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.view(*idx.shape, *[1] * (t.dim() - 2)).expand(*idx.shape, *t.shape[2:]))
 
 
+def project_to_one(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """(..., d) -> (..., 1): ``linear(x)`` for a bias-free Linear(d, 1), as a multiply and a sum
+    over d. As a matrix product with one output column it costs a GEMV forward and, backward, an
+    outer product (a K=1 GEMM, cuBLAS's slowest "align1" kernels, measured at 32 us on an H100
+    for (16384, 2048)) plus an add of that into the residual's gradient; compiled, the
+    multiply-reduce is one reduction kernel forward and its input gradient g·w fuses into that add."""
+    return (x * linear.weight[0]).sum(-1, keepdim=True)
+
+
 class AuxLossInjection(torch.autograd.Function):
     """Identity on ``x``; in backward, also sends d(aux)=scale into ``aux``'s graph.
 
@@ -143,7 +152,7 @@ class Predictor(nn.Module):
         self.out = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(F.silu(self.hidden(x)))
+        return project_to_one(F.silu(self.hidden(x)), self.out)
 
 
 # Statistics kept on the device between log intervals, one vector per kind of forward:
@@ -178,7 +187,7 @@ class RoutedBlock(Block):
         trainer seeds and checkpoints, and activation checkpointing replays)."""
         if self.router is None:
             return torch.randn(*x.shape[:2], 1, device=x.device)
-        r = self.router(x)  # (B, S, 1)
+        r = project_to_one(x, self.router)  # (B, S, 1)
         if self.predictor is None:
             return r.float()
         return torch.cat([r, self.predictor(x.detach())], dim=-1).float()  # (B, S, 2)
@@ -192,7 +201,9 @@ class RoutedBlock(Block):
         rows of ``idx`` that are padding (causal routing) add nothing."""
         if valid is not None:
             delta = delta.masked_fill(~valid.unsqueeze(-1), 0.0)
-        return x.scatter_add(1, idx.unsqueeze(-1).expand_as(delta), delta)
+        # x's dtype: under autocast the residual stream is fp32 and delta bf16 (CUDA autocast
+        # promotes scatter_add's inputs itself, CPU autocast does not)
+        return x.scatter_add(1, idx.unsqueeze(-1).expand_as(delta), delta.to(x.dtype))
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv=None) -> torch.Tensor:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -95,18 +96,20 @@ class ParallelDims:
         r = self.rank if rank is None else rank
         return next(g for g in self.group_ranks(self.GROUPS[name]) if r in g)
 
-    def build_groups(self) -> None:
-        """Create every process group once, in the same order on every rank (a collective)."""
+    def build_groups(self, timeout: timedelta | None = None) -> None:
+        """Create every process group once, in the same order on every rank (a collective).
+        ``timeout``: how long a collective of these groups waits for a peer (torch's default for
+        the backend otherwise, not the world group's)."""
         if dist.get_world_size() != self.world_size:
             raise ValueError(f"the grid {self.sizes()} needs {self.world_size} ranks, but the process group has "
                              f"{dist.get_world_size()}; change --parallel.* or the number of processes")
         for name, dims in self.GROUPS.items():
             for ranks in self.group_ranks(dims):
-                g = dist.new_group(ranks)
+                g = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     self.groups[name] = g
         # Control plane (stop requests, tag agreement) on gloo/CPU, off the GPU stream.
-        self.groups["control"] = dist.new_group(list(range(self.world_size)), backend="gloo")
+        self.groups["control"] = dist.new_group(list(range(self.world_size)), backend="gloo", timeout=timeout)
 
     def group(self, name: str) -> Any:
         return self.groups[name]

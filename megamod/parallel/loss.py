@@ -57,8 +57,11 @@ class ChunkedLMLoss:
     """Output projection + mean cross-entropy, ``chunk`` tokens at a time (module docstring).
     Called with the hidden states the output module passed through, (B, S, d)."""
 
-    def __init__(self, output: nn.Module, chunk: int, group=None) -> None:
+    def __init__(self, output: nn.Module, chunk: int, group=None, compile_chunks: bool = False) -> None:
         self.output, self.chunk, self.group = output, chunk, group
+        # compiled (train.compile, tp 1): inductor fuses each chunk's fp32 upcast and log-softmax
+        # with their backward, as compile_loss does for the full logits
+        self._loss_of_chunk = torch.compile(self._chunk_loss) if compile_chunks else self._chunk_loss
 
     def _chunk_loss(self, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return token_losses(F.linear(h, weight), targets, self.group).sum()
@@ -68,7 +71,7 @@ class ChunkedLMLoss:
         weight = self.output.weight  # (V or V/tp, d)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, t.numel(), self.chunk):
-            total = total + checkpoint(self._chunk_loss, h[i:i + self.chunk], weight, t[i:i + self.chunk],
+            total = total + checkpoint(self._loss_of_chunk, h[i:i + self.chunk], weight, t[i:i + self.chunk],
                                        use_reentrant=False)
         return total / t.numel()
 
@@ -89,7 +92,8 @@ def build_loss_fn(cfg: Config, dims: ParallelDims, model: nn.Module | None = Non
     group = dims.group("tp") if dims.tp > 1 else None
     chunk = cfg.train.loss_chunk_tokens
     if chunk and model is not None and getattr(model, "output", None) is not None:
-        return cp_loss(ChunkedLMLoss(fold_output_into_loss(model), chunk, group), dims.cp)
+        compiled = cfg.train.compile and group is None
+        return cp_loss(ChunkedLMLoss(fold_output_into_loss(model), chunk, group, compiled), dims.cp)
     if group is not None:
         return cp_loss(partial(vocab_parallel_lm_loss, group=group), dims.cp)
     return cp_loss(lm_loss, dims.cp)

@@ -177,6 +177,7 @@ class PipelineSchedule:
         self.positions = zigzag_positions(t.seq_len, dims.cp, c["cp"], device=device)
         self.grad_accum = t.grad_accum
         self.tied = cfg.model.tie_embeddings
+        self.guard_loss = lambda loss: loss  # the trainer's step guard (train/guard.py) wraps the last stage's loss
 
     @property
     def act_dtype(self) -> torch.dtype:
@@ -237,7 +238,7 @@ class PipelineSchedule:
     def _backward(self, x: torch.Tensor, out: torch.Tensor, g: torch.Tensor | None,
                   extra: torch.Tensor | None = None) -> torch.Tensor | None:
         if self.is_last:
-            self.engine.backward(out)  # loss / grad_accum: DeepSpeed's accumulation scaling
+            self.engine.backward(self.guard_loss(out))  # loss / grad_accum: DeepSpeed's accumulation scaling
         else:
             surrogate = (out * g).sum()  # ∂/∂out = g, which already carries the 1/grad_accum
             if extra is not None:

@@ -173,7 +173,14 @@ class _TPModule(nn.Module):
         return f"{shapes}, tp_rank={self.tp_rank}/{self.tp_world}"
 
 
-class ColumnParallelLinear(_TPModule):
+class _TPLinear(_TPModule):
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's product x Wᵀ, no communication: the seam FP8 training replaces
+        (parallel/fp8.py), so the collectives around it stay as they are."""
+        return F.linear(x, self.weight)
+
+
+class ColumnParallelLinear(_TPLinear):
     """y = x Aᵀ with A's output rows split: weight (out/tp, in). Local compute only: the input
     must already be the full, replicated activation (the region's entry hook did the collective),
     and the output stays sharded on its last dim (heads, hidden units or vocabulary)."""
@@ -190,10 +197,10 @@ class ColumnParallelLinear(_TPModule):
         self._tag()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)  # (B, S, out/tp)
+        return self.local_linear(x)  # (B, S, out/tp)
 
 
-class RowParallelLinear(_TPModule):
+class RowParallelLinear(_TPLinear):
     """y = x Aᵀ with A's input columns split: weight (out, in/tp). Input is sharded on its last
     dim (the previous column-parallel output); each rank's product is a partial sum, reduced on
     the way out: all-reduce -> (B, S, out), or under SP reduce-scatter -> (B, S/tp, out)."""
@@ -211,7 +218,7 @@ class RowParallelLinear(_TPModule):
         self._tag()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)  # (B, S, out), summed over TP ranks below
+        partial = self.local_linear(x)  # (B, S, out), summed over TP ranks below
         if self.sequence_parallel:
             return reduce_scatter_seq(partial, self.group)  # (B, S/tp, out)
         return reduce_from_tp(partial, self.group)

@@ -32,7 +32,10 @@ It has no optimizer state, so it is not resumed but loaded as initial weights
 
 A run killed mid-save leaves a tag without the marker; ``find_latest_complete`` skips it and the
 next save of the same step overwrites it. Saves go through the DeepSpeed engine on every rank
-(a collective); the marker is written after a barrier.
+(a collective); the marker is written after every rank reported its files. The marker carries a
+manifest (size and CRC-32 of every file, ckpt_integrity.py) that resume verifies. A save that
+fails on any rank (disk full, I/O error) is agreed on by all: the partial tag is removed,
+``latest`` stays as it was and every rank raises ``CheckpointSaveError``.
 """
 
 from __future__ import annotations
@@ -48,11 +51,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamod.train.ckpt_integrity import CheckpointSaveError, SaveRecorder, verify  # noqa: F401
 from megamod.train.ckpt_layout import (MARKER, engine_location, find_latest_complete, list_tags, read_meta,  # noqa: F401
                                       resolve_checkpoint, stage_dir, tag_for)
 from megamod.train.reshard import convert_to_universal, full_state_dict, load_universal
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint this run cannot resume (damaged, or another model); the message says what to do."""
+
+
 WEIGHTS = "consolidated.pt"
+
 
 @dataclass
 class TrainState:
@@ -88,27 +98,76 @@ def _atomic_write_text(path: str, text: str) -> None:
 
 
 def save(engine, ckpt_dir: str, state: TrainState, config: dict[str, Any], keep_last: int,
-         stage: int | None = None) -> str:
-    """Collective: every rank calls it. ``stage``: this rank's pipeline stage when pp > 1.
-    Returns the tag."""
+         stage: int | None = None, rank_state: dict[str, Any] | None = None, group: Any = None) -> str:
+    """Collective: every rank calls it. ``stage``: this rank's pipeline stage when pp > 1;
+    ``rank_state``: more of this rank's state for its own file (the step guard's); ``group``: where
+    the ranks agree on the outcome (the control group). Returns the tag, or raises
+    ``CheckpointSaveError`` on every rank when a write failed on any."""
     tag = tag_for(state.step)
     rank = dist.get_rank()
     path = os.path.join(ckpt_dir, tag)
     if rank == 0 and os.path.exists(os.path.join(path, MARKER)):
         os.remove(os.path.join(path, MARKER))  # re-saving a step: invalid until rewritten
     dist.barrier()
+    recorder = SaveRecorder.install(engine)
     save_dir, ds_tag = engine_location(ckpt_dir, tag, stage)
-    engine.save_checkpoint(save_dir, tag=ds_tag, save_latest=False)
-    torch.save(_rng_state(), os.path.join(path, f"megamod_rank{rank:05d}.pt"))
-    dist.barrier()  # every rank's files are on disk before the marker says so
+    try:
+        engine.save_checkpoint(save_dir, tag=ds_tag, save_latest=False)
+    except Exception as e:  # noqa: BLE001  a write DeepSpeed makes outside its checkpoint engine
+        recorder.errors.append(f"{type(e).__name__}: {e}")
+        dist.barrier()  # the one save_checkpoint ends with, where the other ranks wait
+    ours = os.path.join(path, f"megamod_rank{rank:05d}.pt")
+    recorder.write(lambda: torch.save({"rng": _rng_state(), **(rank_state or {})}, ours), ours)
+    report = (recorder.manifest(path), recorder.errors)
+    reports: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, report, group=group)  # every rank's files are on disk, or failed
+    errors = [f"rank {r}: {e}" for r, (_, errs) in enumerate(reports) for e in errs]
+    if errors:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)  # incomplete; and a full disk wants the space back
+        dist.barrier()
+        latest = find_latest_complete(ckpt_dir)
+        raise CheckpointSaveError(f"checkpoint {path} was not saved ({errors[0]}"
+                                  f"{f'; {len(errors) - 1} more' if len(errors) > 1 else ''}); the previous "
+                                  f"checkpoint ({latest or 'none'}) and `latest` are unchanged")
     if rank == 0:
         meta = {"step": state.step, "consumed_samples": state.consumed_samples, "flops": state.flops,
-                "world_size": dist.get_world_size(), "config": config}
+                "world_size": dist.get_world_size(), "config": config,
+                "files": {k: v for files, _ in reports for k, v in files.items()}}
         _atomic_write_text(os.path.join(path, MARKER), json.dumps(meta, indent=1))
         _atomic_write_text(os.path.join(ckpt_dir, "latest"), tag)
         _prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag
+
+
+def choose_resume_tag(ckpt_dir: str, check: bool = True, fallback: bool = True, group: Any = None) -> str | None:
+    """Collective (local without a process group): the newest complete tag whose files match
+    their manifest (``check``), the same on every rank; None when there is no complete tag. A
+    damaged newest tag is reported (rank 0) and passed over for the previous one, unless
+    ``fallback`` is False: then CheckpointError."""
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    tags = [[t for _, t, complete in list_tags(ckpt_dir) if complete] if rank == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(tags, src=0, group=group)  # every rank considers the same tags
+    damaged = []
+    for tag in tags[0]:
+        problems = verify(ckpt_dir, tag, group) if check else []
+        if not problems:
+            return tag
+        what = f"checkpoint {os.path.join(ckpt_dir, tag)} is damaged: {problems[0]}" + (
+            f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        if not fallback:
+            raise CheckpointError(f"{what}. Resume from the previous complete checkpoint with --checkpoint.fallback "
+                                  f"true, or move the damaged one away")
+        if rank == 0:
+            print(f"warning: {what}; falling back to the previous complete checkpoint", flush=True)
+        damaged.append(tag)
+    if damaged:
+        raise CheckpointError(f"no intact checkpoint in {ckpt_dir} (damaged: {', '.join(damaged)}); start over with "
+                              f"--checkpoint.resume false or a new --train.run_dir")
+    return None
 
 
 def _prune(ckpt_dir: str, keep_last: int) -> None:
@@ -129,8 +188,10 @@ def _grid(meta: dict[str, Any]) -> dict[str, int]:
     return {"world_size": meta["world_size"], "tp": p["tp"], "cp": p["cp"], "pp": p["pp"]}
 
 
-def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None, stage: int | None = None) -> TrainState:
-    """Collective. Restores DeepSpeed state and ours; returns the train state to continue from.
+def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None,
+         stage: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """Collective. Restores DeepSpeed state and ours; returns the train state to continue from and
+    the ``rank_state`` this rank saved (empty for a checkpoint from before it existed).
 
     ``grid``: this run's degrees (``ParallelDims.sizes()``). A checkpoint written on another grid
     (TP or PP degree, or world size) is resumed through DeepSpeed's universal checkpoint
@@ -149,8 +210,13 @@ def load(engine, ckpt_dir: str, tag: str, grid: dict[str, int] | None = None, st
     else:
         _reshard_load(engine, ckpt_dir, tag, saved, now, meta)
         rng_rank = 0  # every rank's default RNG stream is the same (one seed, same draws); take rank 0's
-    _set_rng_state(torch.load(os.path.join(path, f"megamod_rank{rng_rank:05d}.pt"), weights_only=False))
-    return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"], flops=meta["flops"])
+    ours = torch.load(os.path.join(path, f"megamod_rank{rng_rank:05d}.pt"), weights_only=False)
+    if "rng" in ours:
+        rng, rank_state = ours.pop("rng"), ours
+    else:  # written before rank_state existed: the RNG states alone
+        rng, rank_state = ours, {}
+    _set_rng_state(rng)
+    return TrainState(step=meta["step"], consumed_samples=meta["consumed_samples"], flops=meta["flops"]), rank_state
 
 
 def _reshard_load(engine, ckpt_dir: str, tag: str, saved: dict[str, int], now: dict[str, int],

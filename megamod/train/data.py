@@ -16,6 +16,10 @@ import torch.distributed as dist
 from megamod.config import Config
 
 
+class DataError(ValueError):
+    """Training data that cannot be used as configured; the message names the fix."""
+
+
 class SyntheticDataset:
     """Deterministic random tokens with a learnable pattern (each sample repeats a short random
     motif), for tests and benchmarks that must not depend on a corpus."""
@@ -44,23 +48,41 @@ def build_train_valid(cfg: Config, dp_size: int):
                 SyntheticDataset(v, t.seq_len, n_valid, cfg.train.seed + 1))
     from megamod.data.gpt_dataset import build_datasets, parse_data_paths
 
-    prefixes, weights = parse_data_paths(cfg.data.paths)
-    kwargs = dict(prefixes=prefixes, weights=weights, seq_len=t.seq_len, seed=t.seed, split=cfg.data.split,
-                  num_samples=(n_train, n_valid), cache_dir=cfg.data.cache_dir or None)
+    def build():
+        try:  # the datasets' ValueErrors (IndexedDatasetError among them) name the file or flag at fault
+            prefixes, weights = parse_data_paths(cfg.data.paths)
+            return build_datasets(prefixes=prefixes, weights=weights, seq_len=t.seq_len, seed=t.seed,
+                                  split=cfg.data.split, num_samples=(n_train, n_valid),
+                                  cache_dir=cfg.data.cache_dir or None)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+
     # Rank 0 builds (and caches) the sample index first; the others then read the cache.
     if dist.get_rank() == 0:
-        out = build_datasets(**kwargs)
+        out = build()
     dist.barrier()
     if dist.get_rank() != 0:
-        out = build_datasets(**kwargs)
+        out = build()
     return out
 
 
 def micro_batches(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  consumed_samples: int) -> Iterator[torch.Tensor]:
-    """Endless (B, S+1) int64 batches for this DP rank starting at ``consumed_samples`` (global)."""
+                  consumed_samples: int, vocab_size: int | None = None) -> Iterator[torch.Tensor]:
+    """Endless (B, S+1) int64 batches for this DP rank starting at ``consumed_samples`` (global).
+    ``vocab_size``: token ids must lie below it (checked on the host copy, a few µs a batch:
+    data tokenized with another tokenizer would otherwise fail inside the embedding, on CUDA as
+    an unrecoverable device assert)."""
     from megamod.data.gpt_dataset import DistributedBatchSampler
 
-    sampler = DistributedBatchSampler(len(dataset), micro_batch_size, dp_rank, dp_size, consumed_samples)
+    try:
+        sampler = DistributedBatchSampler(len(dataset), micro_batch_size, dp_rank, dp_size, consumed_samples)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     for indices in sampler:
-        yield torch.from_numpy(np.stack([dataset[i] for i in indices]))
+        batch = np.stack([dataset[i] for i in indices])
+        if vocab_size is not None and batch.size and (batch.max() >= vocab_size or batch.min() < 0):
+            bad = int(batch.max() if batch.max() >= vocab_size else batch.min())
+            raise DataError(f"token id {bad} in samples {indices[0]}..{indices[-1]} is outside --model.vocab_size "
+                            f"{vocab_size}: the data was tokenized with another tokenizer; set --model.vocab_size to "
+                            f"that tokenizer's, or preprocess the data with the model's tokenizer")
+        yield torch.from_numpy(batch)

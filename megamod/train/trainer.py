@@ -25,12 +25,14 @@ from megamod.model.mod import evaluate_causal_routing, has_causal_routing, set_a
 from megamod.model.transforms import apply_activation_checkpointing, apply_compile, compile_loss
 from megamod.parallel.context import shard_batch
 from megamod.parallel.dims import ParallelDims
+from megamod.parallel.fp8 import apply_fp8, check_fp8_support
 from megamod.parallel.loss import LossFn, build_loss_fn
 from megamod.parallel.parallelize import parallelize_model
 from megamod.parallel.pipeline import PipelineSchedule, mark_tied_copy
 from megamod.train import checkpoint as ckpt
 from megamod.train.data import build_train_valid, micro_batches
 from megamod.train.engine import build_engine, resolve_dtype
+from megamod.train.guard import StepGuard
 from megamod.model.flops import forward_flops_per_sequence, peak_flops, train_flops_per_step
 from megamod.train.metrics import MetricsLogger
 from megamod.train.signals import StopController, requeue_slurm_job
@@ -55,6 +57,8 @@ class Trainer:
     stop: StopController
     # pipeline parallelism: this stage's schedule (None at pp=1)
     pipeline: PipelineSchedule | None = None
+    # skips steps with a non-finite loss or gradient on any rank (guard.py); built by ``build``
+    guard: StepGuard | None = None
 
     @functools.cached_property
     def step_flops(self) -> int:
@@ -71,20 +75,24 @@ class Trainer:
               stop: StopController | None = None) -> "Trainer":
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg, device=device, parallelize=lambda m: parallelize_model(m, cfg, dims))
+        if cfg.train.fp8 != "off":  # before checkpointing and compile wrap the blocks (parallel/fp8.py)
+            check_fp8_support(device)
+            apply_fp8(model, cfg.train.fp8)
         # MoD aux gradients: scaled like the LM loss (DeepSpeed divides it by grad_accum; a CP rank's
         # share of a sequence's mean is 1/cp of its local mean)
         set_aux_loss_scale(model, 1.0 / (cfg.train.grad_accum * dims.cp))
         mark_tied_copy(model)  # pp > 1: the last stage's copy of a tied embedding stays out of the optimizer
         ckpt_dir = os.path.join(cfg.train.run_dir, "checkpoints")
-        resume_tag = _agreed_tag(ckpt_dir, dims) if cfg.checkpoint.resume else None
+        resume_tag = _agreed_tag(ckpt_dir, cfg, dims) if cfg.checkpoint.resume else None
         if resume_tag is None and cfg.checkpoint.load:
             _load_initial_weights(model, cfg, dims)  # before the engine: its optimizer starts from them
         if cfg.train.activation_checkpointing:
             apply_activation_checkpointing(model)
         loss_fn = build_loss_fn(cfg, dims, model)
-        if cfg.train.compile and not cfg.train.loss_chunk_tokens:  # the chunked loss recomputes: eager
+        if cfg.train.compile:
             apply_compile(model)
-            loss_fn = compile_loss(loss_fn, dims.tp)
+            if not cfg.train.loss_chunk_tokens:  # the chunked loss compiles its chunks itself (loss.py)
+                loss_fn = compile_loss(loss_fn, dims.tp)
         engine = build_engine(cfg, model, dims, device)
         train_data, valid_data = build_train_valid(cfg, dims.dp)
         metrics = MetricsLogger(cfg.train.run_dir, enabled=dims.rank == 0, tensorboard=cfg.logging.tensorboard,
@@ -94,16 +102,21 @@ class Trainer:
         if dims.pp > 1:
             pipeline = PipelineSchedule(cfg, dims, model, engine, loss_fn, device)
             pipeline.sync_tied_weights()  # the last stage's copy starts as stage 0's matrix
+        t = cfg.train
+        guard = StepGuard(device, t.max_consecutive_skips, t.spike_sigma, t.spike_window)
+        if pipeline is not None:
+            pipeline.guard_loss = guard.guard
         trainer = cls(cfg, dims, device, model, loss_fn, engine, train_data, valid_data,
-                      ckpt.TrainState(), metrics, stop, pipeline)
+                      ckpt.TrainState(), metrics, stop, pipeline, guard)
         if resume_tag is not None:
             trainer.resume(resume_tag)
         return trainer
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def resume(self, tag: str | None = None) -> None:
-        """Continue from ``tag`` (default: the newest complete checkpoint of this run, if any)."""
-        tag = tag or _agreed_tag(self.ckpt_dir, self.dims)
+        """Continue from ``tag`` (default: the newest complete checkpoint of this run that passes its
+        manifest's check, if any; checkpoint.choose_resume_tag)."""
+        tag = tag or _agreed_tag(self.ckpt_dir, self.cfg, self.dims)
         if tag is None:
             return
         meta = ckpt.read_meta(self.ckpt_dir, tag)
@@ -113,7 +126,9 @@ class Trainer:
                                f"--train.run_dir NEW_DIR")
         _check_architecture(f"checkpoint {self.ckpt_dir}/{tag}", meta["config"]["model"], self.cfg,
                             "Use the checkpoint's model flags, or a new --train.run_dir")
-        self.state = ckpt.load(self.engine, self.ckpt_dir, tag, grid=self.dims.sizes(), stage=self._stage)
+        self.state, ours = ckpt.load(self.engine, self.ckpt_dir, tag, grid=self.dims.sizes(), stage=self._stage)
+        if "guard" in ours:
+            self.guard.load_state_dict(ours["guard"])
         if self.pipeline is not None:
             self.pipeline.sync_tied_weights()
         if self.dims.rank == 0:
@@ -124,9 +139,19 @@ class Trainer:
         """This rank's pipeline stage, or None at pp=1 (checkpoint layout, checkpoint.py)."""
         return self.dims.coords()["pp"] if self.dims.pp > 1 else None
 
-    def save(self) -> str:
-        return ckpt.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(), self.cfg.checkpoint.keep_last,
-                         stage=self._stage)
+    def save(self, must: bool = False) -> str | None:
+        """Save a checkpoint. A failed save (CheckpointSaveError) is reported and training goes
+        on, unless ``must`` (the last save before exiting) or --checkpoint.on_save_error stop."""
+        try:
+            return ckpt.save(self.engine, self.ckpt_dir, self.state, self.cfg.to_dict(), self.cfg.checkpoint.keep_last,
+                             stage=self._stage, rank_state={"guard": self.guard.state_dict()},
+                             group=self.dims.group("control"))
+        except ckpt.CheckpointSaveError as e:
+            if must or self.cfg.checkpoint.on_save_error == "stop":
+                raise
+            if self.dims.rank == 0:
+                print(f"warning: {e}; training goes on (--checkpoint.on_save_error continue)", flush=True)
+            return None
 
     # ---- steps ----------------------------------------------------------------------------------
     def _shard(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -136,7 +161,7 @@ class Trainer:
     def forward_backward_step(self, batch: torch.Tensor) -> torch.Tensor:
         tokens, targets, positions = self._shard(batch)  # (B, S/cp) each
         loss = self.loss_fn(self.engine(tokens, positions), targets)
-        self.engine.backward(loss)
+        self.engine.backward(self.guard.guard(loss))  # a non-finite loss poisons the gradients: the step is skipped
         self.engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
         return loss.detach()
 
@@ -147,6 +172,7 @@ class Trainer:
             loss = self.pipeline.train_step(batches)
         else:
             loss = torch.stack([self.forward_backward_step(next(batches)) for _ in range(self.cfg.train.grad_accum)]).mean()
+        self.guard.after_step(self.engine.get_global_grad_norm())  # counts a skipped step, on the device
         t = self.cfg.train
         self.state.step += 1
         self.state.consumed_samples += t.micro_batch_size * t.grad_accum * self.dims.dp
@@ -205,9 +231,13 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
         batches = micro_batches(self.train_data, t.micro_batch_size, self.dims.coords()["dp"], self.dims.dp,
-                                self.state.consumed_samples)
+                                self.state.consumed_samples, cfg.model.vocab_size)
         dtype = resolve_dtype(cfg, self.device)
-        peak = peak_flops(torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu", dtype)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        # MFU against the bf16 peak, FP8 runs included (so runs compare); FP8 runs also against the FP8 peak
+        peaks = {"mfu": peak_flops(name, dtype)}
+        if t.fp8 != "off":
+            peaks["mfu_fp8_peak"] = peak_flops(name, "fp8")
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.dims.dp * t.seq_len
         last: dict[str, float] = {}
         if self.state.step == 0 and t.eval_interval > 0:
@@ -222,8 +252,9 @@ class Trainer:
                 self.metrics.advance(1)
                 if step % t.log_interval == 0 or step == t.steps:
                     last["loss"] = self._dp_mean(loss)  # syncs: only at log intervals
+                    self.guard.check(step)  # too many skipped steps in a row: TooManySkips, no save
                     elapsed = time.perf_counter() - window_start
-                    self._log_train(step, last["loss"], elapsed / window_steps, tokens_per_step, peak)
+                    self._log_train(step, last["loss"], elapsed / window_steps, tokens_per_step, peaks)
                     window_start, window_steps = time.perf_counter(), 0
                 if t.eval_interval > 0 and step % t.eval_interval == 0 and step != t.steps:
                     val = self.evaluate()
@@ -233,10 +264,10 @@ class Trainer:
                 if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != t.steps:
                     self.save()
                 if step == t.exit_at_step:
-                    self.save()
+                    self.save(must=True)
                     return last
                 if self.stop.should_stop(self.dims.group("control")):
-                    self.save()
+                    self.save(must=True)
                     if self.dims.rank == 0:
                         print(f"stopping at step {step}: {self.stop.reason}; checkpoint saved", flush=True)
                         if self.stop.wants_requeue:  # SIGUSR1 (time limit ahead), not a plain scancel
@@ -245,7 +276,7 @@ class Trainer:
             val = self.evaluate()
             last.update(val)
             self.metrics.log(self.state.step, {**val, "val_ppl": _ppl(val["val_loss"])}, "valid")
-            saved = f"checkpoint {self.ckpt_dir}/{self.save()}" if cfg.checkpoint.save_at_end else "no checkpoint"
+            saved = f"checkpoint {self.ckpt_dir}/{self.save(must=True)}" if cfg.checkpoint.save_at_end else "no checkpoint"
             if self.dims.rank == 0:
                 print(f"done: {self.state.step} steps; {saved}; TensorBoard: "
                       f"tensorboard --logdir {os.path.join(t.run_dir, 'tensorboard')}", flush=True)
@@ -254,20 +285,20 @@ class Trainer:
             self.stop.uninstall()
             self.metrics.close()
 
-    def _log_train(self, step: int, loss: float, step_time: float, tokens_per_step: int, peak: float | None) -> None:
+    def _log_train(self, step: int, loss: float, step_time: float, tokens_per_step: int,
+                   peaks: dict[str, float | None]) -> None:
         flops_per_rank = self.step_flops / self.dims.world_size  # every rank does an equal share
         tflops = flops_per_rank / step_time / 1e12  # per device
         values = {"loss": loss, "lr": self.engine.get_lr()[0], "grad_norm": _float(self.engine.get_global_grad_norm()),
                   "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time, "tflops_per_device": tflops,
-                  "skipped_steps": float(getattr(self.engine, "skipped_steps", 0)),
+                  "skipped_steps": float(self.guard.skipped),
                   "flops": self.state.flops, "forward_flops_per_seq": float(forward_flops_per_sequence(self.cfg))}
         module_values: dict[str, float] = {}
         for name, module in self.model.named_modules():
             if hasattr(module, "log_metrics"):  # seam for MoD routers, MoBA gates, ...
                 module_values.update({f"{name}/{k}": v for k, v in module.log_metrics().items()})
         values.update(_over_ranks(module_values))
-        if peak:
-            values["mfu"] = tflops * 1e12 / peak
+        values.update({key: tflops * 1e12 / peak for key, peak in peaks.items() if peak})
         if self.device.type == "cuda":
             values["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
@@ -275,11 +306,11 @@ class Trainer:
         self.metrics.log(step, values)
 
 
-def _agreed_tag(ckpt_dir: str, dims: ParallelDims) -> str | None:
-    """The newest complete tag as rank 0 sees it, so every rank loads the same one."""
-    tag = [ckpt.find_latest_complete(ckpt_dir) if dims.rank == 0 else None]
-    dist.broadcast_object_list(tag, src=0)
-    return tag[0]
+def _agreed_tag(ckpt_dir: str, cfg: Config, dims: ParallelDims) -> str | None:
+    """The newest complete tag whose files match their manifest (falling back to an older one as
+    --checkpoint.verify / --checkpoint.fallback say), the same on every rank."""
+    c = cfg.checkpoint
+    return ckpt.choose_resume_tag(ckpt_dir, c.verify, c.fallback, dims.group("control"))
 
 
 def _check_architecture(what: str, saved: dict[str, Any], cfg: Config, fix: str) -> None:

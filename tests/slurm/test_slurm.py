@@ -6,12 +6,14 @@
 - SIGUSR1 to the batch shell only is forwarded to the ranks; plain scancel (SIGTERM) checkpoints
   but leaves the job cancelled;
 - --train.exit_after_minutes: the job checkpoints and ends; resubmitted, it resumes the same way;
+- a rank killed mid-step: the job requeues itself and resumes from its last checkpoint;
 - an isoFLOP manifest (tools/isoflop.py plan) runs as a job array, one run directory per run, and a
   resubmitted array skips the finished runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -210,6 +212,30 @@ def test_exit_after_minutes_checkpoints_and_a_resubmitted_job_resumes(slurm_clus
     job = slurm_cluster.wait(second, JOB_TIMEOUT_S, log=run_dir / "logs" / f"{second}.out")
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), describe(run_dir, second)
     assert assert_resumed(run_dir, STEPS) == stopped_at
+    assert final_loss(run_dir, STEPS) == final_loss(ref_dir, STEPS)
+
+
+def test_a_killed_rank_is_named_and_the_requeued_job_resumes_to_the_same_loss(slurm_cluster, reference_run, tmp_path):
+    """SIGKILL of rank 1 mid-step (tests/faults/inject.py): srun names the task and ends the step
+    (--kill-on-bad-exit kills rank 0 at once, so here srun's line is the one naming rank 1), the
+    batch script requeues the job (slurm/common.sh: a rank failed), and the requeued job resumes
+    from the checkpoint at step 100 and ends with the uninterrupted run's loss."""
+    ref_dir, _, _ = reference_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(parents=True)
+    env = {**job_env(), "MEGAMOD_TRAIN_CMD": f"python {REPO}/tests/faults/inject.py", "MEGAMOD_FAULTS_DIR": str(run_dir),
+           "MEGAMOD_FAULTS": json.dumps([{"kind": "kill", "rank": 1, "step": 120, "dir": str(run_dir)}])}
+    job_id = submit_debug_run(slurm_cluster, run_dir, "--checkpoint.interval", "50", env=env)
+    job = slurm_cluster.wait(job_id, JOB_TIMEOUT_S, log=run_dir / "logs" / f"{job_id}.out")
+    assert (job["JobState"], job["Restarts"]) == ("COMPLETED", "1"), describe(run_dir, job_id)
+    log = (run_dir / "logs" / f"{job_id}.out").read_text()
+    batch = (run_dir.parent / f"slurm-{job_id}.out").read_text()  # srun's own messages
+    assert "srun: error: " in batch and "task 1: Killed" in batch, describe(run_dir, job_id)  # names the rank
+    assert "a rank failed (srun exit 137): requeueing" in batch
+    first = log.split(f"===== job {job_id} attempt 2")[0]  # a killed rank's TensorBoard may not have flushed
+    steps = [int(m[1]) for m in map(STEP_LINE.match, first.splitlines()) if m]
+    assert max(steps) == 119, describe(run_dir, job_id)
+    assert min(loss_by_file(run_dir)[-1]) == 101  # resumed from the checkpoint at step 100
     assert final_loss(run_dir, STEPS) == final_loss(ref_dir, STEPS)
 
 

@@ -179,7 +179,14 @@ def test_unknown_dtype_code(good):
 def test_pointer_past_end(good):
     # pointers start at 34 + 4·3; move sequence 1 far beyond the 12-byte .bin.
     _patch(good + ".idx", 34 + 12 + 8, struct.pack("<q", 1000))
-    _fails(good, good + ".bin", "sequence 1", "[1000, 1002)")
+    _fails(good, good + ".idx", "sequence 1 starts at byte 1000", "back to back")
+
+
+def test_pointer_inside_the_file_but_not_back_to_back(good):
+    # Sequence 1 moved onto sequence 0's bytes: in range and aligned, so only the layout rule
+    # (each sequence starts where the previous one ends) tells that it would read wrong tokens.
+    _patch(good + ".idx", 34 + 12 + 8, struct.pack("<q", 0))
+    _fails(good, good + ".idx", "sequence 1 starts at byte 0")
 
 
 def test_negative_length(good):

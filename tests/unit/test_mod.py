@@ -343,3 +343,24 @@ def test_every_parameter_keeps_16_byte_alignment_in_a_flat_bf16_buffer(argv):
         model = GPT(cfg)
     odd = {n: p.numel() for n, p in model.named_parameters() if p.numel() % 8}
     assert not odd, odd
+
+
+def test_router_projection_as_multiply_reduce_equals_the_linear():
+    """project_to_one (the router's and the predictor output's d -> 1 product as a multiply and a
+    sum) == the Linear, value and both gradients: the same d products summed in another order,
+    fp32 (1e-6 of the largest magnitude, d = 64: ~sqrt(64)·2^-24 relative per sum)."""
+    from megamod.model.mod import project_to_one
+
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(64, 1, bias=False)
+    x = torch.randn(3, 10, 64, generator=gen, requires_grad=True)
+    g = torch.randn(3, 10, 1, generator=gen)
+    ours = project_to_one(x, lin)
+    (ours * g).sum().backward()
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    x.grad, lin.weight.grad = None, None
+    ref = lin(x)
+    (ref * g).sum().backward()
+    for a, b in ((ours, ref), (gx, x.grad), (gw, lin.weight.grad)):
+        assert a.shape == b.shape
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-6

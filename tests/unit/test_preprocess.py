@@ -41,8 +41,9 @@ def docs_of(prefix: str) -> list[list[int]]:
 
 
 def expected(model: str, texts, eod: bool) -> list[list[int]]:
+    """One sequence per document that has tokens; an empty document has none (no lone EOD)."""
     tok = Tokenizer(model)
-    return [tok.encode(t) + ([tok.eod_id] if eod else []) for t in texts]
+    return [tok.encode(t) + ([tok.eod_id] if eod else []) for t in texts if tok.encode(t)]
 
 
 def good_lines(texts) -> list[bytes]:
@@ -55,6 +56,12 @@ def test_tokens_match_direct_encoding(tmp_path, model):
     assert stats.outputs == [str(tmp_path / "out_text_document")]
     assert docs_of(stats.outputs[0]) == expected(model, TEXTS, eod=True)
     assert stats.docs == len(TEXTS) and not stats.bad
+    # The empty document (TEXTS[-2]) is a document of no sequence, as Megatron's tool writes it:
+    # the document numbering stays the input's, and no sample ever reads a lone EOD.
+    ds = IndexedDataset(stats.outputs[0])
+    empty = TEXTS.index("")
+    assert len(ds) == len(TEXTS) - 1 and ds.num_documents == len(TEXTS)
+    assert ds.document_indices[empty] == ds.document_indices[empty + 1] == empty
 
 
 def test_bad_lines_are_skipped_and_counted(tmp_path, model):
@@ -86,7 +93,7 @@ def test_line_numbers_are_exact_across_chunks_and_workers(tmp_path, model):
     assert [line for _, line, _ in s1.bad] == bad_at == [line for _, line, _ in s2.bad]
     for ext in (".bin", ".idx"):  # same bytes whatever the worker count
         assert Path(s1.outputs[0] + ext).read_bytes() == Path(s2.outputs[0] + ext).read_bytes()
-    assert len(IndexedDataset(s1.outputs[0])) == len(lines) - len(bad_at)
+    assert IndexedDataset(s1.outputs[0]).num_documents == len(lines) - len(bad_at)
 
 
 def test_strict_aborts_and_writes_nothing(tmp_path, model):
