@@ -155,7 +155,7 @@ def _tp2_pp2_export(rank: int, tmp: str) -> dict:
     src = os.path.join(tmp, "tp2_pp2_sp")
     copy = os.path.join(tmp, "tp2_pp2_resumed_at_tp1")
     shutil.copytree(os.path.join(src, "checkpoints"), os.path.join(copy, "checkpoints"))
-    trainer = _trainer(rank, 1, _cfg(copy, 1, 1, 1, 2))  # resumes step 10 on the other grid
+    trainer = build_trainer(rank, 1, _cfg(copy, 1, 1, 1, 2))  # resumes step 10 on the other grid
     trainer.cfg.train.run_dir = os.path.join(tmp, "resaved_tp1")  # its own checkpoint, written at tp=1
     trainer.save()
     files = {}

@@ -50,7 +50,10 @@ class SlurmCluster:
         """Wait for the job to end; a requeued job is made eligible at once.
 
         Slurm holds a requeued batch job back for ~2 minutes (BeginTime = requeue + 120 s in
-        22.05) before it may start again; the test moves that to now instead of waiting it out.
+        22.05) before it may start again; the test moves that to 2 s from now instead of waiting
+        it out. Not to now: slurmd refuses a job credential issued in the same second as the one
+        the requeue revoked ("Killing non-startable batch job: Job credential revoked"), and the
+        job then ends FAILED instead of running again.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -58,7 +61,7 @@ class SlurmCluster:
             if job["JobState"] in TERMINAL_STATES:
                 return job
             if job["JobState"] == "PENDING" and job.get("Reason") == "BeginTime" and int(job["Restarts"]) > 0:
-                _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], env=self.env())
+                _run(["scontrol", "update", f"jobid={job_id}", "StartTime=now+2"], env=self.env())
             time.sleep(0.5)
         subprocess.run(["scancel", job_id], env=self.env(), check=False)
         tail = log.read_text()[-4000:] if log is not None and log.exists() else "(no log)"
