@@ -4,7 +4,8 @@ One GPU, heads 16, head dim 128, bf16, random inputs, one sequence per point, fo
 forward + backward (MoBA's gating, sort and planning included). Also: a bf16/fp32 check of the
 kernels against the dense masked reference (benchmarks/moba_check.py), peak memory per point, an
 optional tile-config sweep, and the fraction of 128x128 tiles a tile-sparse kernel (FlexAttention)
-would have to visit for MoBA's per-token picks.
+would have to visit for MoBA's per-token picks, and the FlexAttention peer with a coarser
+chunk-level selection (benchmarks/flex_chunk.py), same inputs, side by side.
 
   python benchmarks/moba_speed.py --warm 14 --check --points 32768:512:3,131072:512:3,1048576:4096:12 \
       --dense-max 1048576 --json out.json --md out.md
@@ -29,36 +30,13 @@ from megamod.ops import moba_plan as mp  # noqa: E402
 from megamod.ops import moba_triton as mt  # noqa: E402
 from cuda_timing import timed, timed_queued  # noqa: E402  (benchmarks/ is this script's directory)
 from moba_check import CHECK_CASES, check  # noqa: E402
+from flex_chunk import chunk_block_mask, tile_visit_fraction  # noqa: E402
 
 H, D = 16, 128
 DEV = "cuda"
 
 
-def tile_visit_fraction(T, B, topk, tile=128):
-    """Fraction of the causal 128x128 (query, key) tiles that hold at least one picked pair
-    (random inputs): a tile-sparse kernel such as FlexAttention must visit all of them."""
-    torch.manual_seed(2)
-    q = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16)
-    k = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16)
-    cu = torch.tensor([0, T], dtype=torch.int32, device=DEV)
-    sel = mt.moba_gate_triton(q, k, cu, T, B, topk).long()  # [T, H, KS]
-    nq, per = T // tile, B // tile  # key tiles per block
-    own = torch.arange(T, device=DEV) // B
-    visited = 0
-    for h in range(H):
-        hit = torch.zeros(nq, T // B, dtype=torch.bool, device=DEV)  # [query tile, block]
-        s = sel[:, h, :]
-        qt = (torch.arange(T, device=DEV) // tile)[:, None].expand_as(s)
-        m = s >= 0
-        hit[qt[m], s[m]] = True
-        hit[torch.arange(nq, device=DEV), own[::tile]] = True  # own block
-        # a picked past block costs all its key tiles; the own block only those up to the diagonal
-        visited += (hit.sum() - nq).item() * per + sum(min(per, (i % per) + 1) for i in range(nq))
-    causal_tiles = H * nq * (nq + 1) // 2
-    return visited / causal_tiles
-
-
-def bench_point(T, B, topk, reps, dense, log, cfg):
+def bench_point(T, B, topk, reps, dense, log, cfg, flex=True):
     torch.manual_seed(0)
     q = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(T, H, D, device=DEV, dtype=torch.bfloat16, requires_grad=True)
@@ -143,9 +121,47 @@ def bench_point(T, B, topk, reps, dense, log, cfg):
                     f"fwd+bwd {row[f'{name}_fb'] / row['moba_fb']:.2f}x" + queued)
             except RuntimeError as e:  # a backend that refuses the shape
                 log(f"dense {name} T={T}: failed: {str(e)[:200]}")
+    if flex:
+        row.update(bench_flex(q, k, v, do, B, topk, reps, row, log))
     del q, k, v, do
     torch.cuda.empty_cache()
     return row
+
+
+def bench_flex(q, k, v, do, B, topk, reps, row, log):
+    """The FlexAttention peer on the same inputs (benchmarks/flex_chunk.py): chunk-level picks,
+    compiled flex_attention, its block mask built before the timed calls (gate not counted)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    T = q.shape[0]
+    qf, kf, vf, dof = (x.detach().view(1, T, H, D).transpose(1, 2) for x in (q, k, v, do))  # [1, H, T, D]
+    qf.requires_grad_(), kf.requires_grad_(), vf.requires_grad_()
+    t0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0[0].record()
+    mask = chunk_block_mask(qf, kf, B, topk)
+    t0[1].record()
+    torch.cuda.synchronize()
+    fn = torch.compile(flex_attention, dynamic=False)
+    out = {"flex_mask_ms": t0[0].elapsed_time(t0[1])}
+
+    def f_fwd():
+        with torch.no_grad():
+            fn(qf, kf, vf, block_mask=mask)
+
+    def f_fb():
+        qf.grad = kf.grad = vf.grad = None
+        fn(qf, kf, vf, block_mask=mask).backward(dof)
+
+    try:
+        out["flex_fwd"], _ = timed(f_fwd, reps)
+        out["flex_fb"], _ = timed(f_fb, reps)
+        log(f"flex chunk-level T={T} B={B} topk={topk}: fwd {out['flex_fwd']:.2f} ms, fwd+bwd {out['flex_fb']:.2f} ms "
+            f"(block mask {out['flex_mask_ms']:.1f} ms, not counted); MoBA faster by fwd "
+            f"{out['flex_fwd'] / row['moba_fwd']:.2f}x, fwd+bwd {out['flex_fb'] / row['moba_fb']:.2f}x")
+    except RuntimeError as e:  # out of memory, a shape it refuses
+        log(f"flex chunk-level T={T}: failed: {str(e)[:200]}")
+    del mask
+    return out
 
 
 SWEEP = {  # (bm, bn, warps, stages); gate: (bm, nblk, dc, warps, prec, stages)
@@ -291,6 +307,7 @@ def main():
     ap.add_argument("--dense-flash-1m", action="store_true")
     ap.add_argument("--profile", default="", help="T:chunk:topk points (comma list) to profile")
     ap.add_argument("--tiles", action="store_true", help="tile-visit fraction of a tile-sparse kernel")
+    ap.add_argument("--no-flex", action="store_true", help="leave out the FlexAttention chunk-level column")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--md", default="")
     ap.add_argument("--cfg", default="", help="overrides of GPU_CFG, e.g. fwd_bn=128,kv_bm=32")
@@ -354,7 +371,7 @@ def main():
         reps = args.reps if T <= 131072 else 2
         pcfg = point_cfg(B)
         log(f"cfg T={T} B={B}: {pcfg}")
-        rows.append(bench_point(T, B, k, reps, T <= args.dense_max, log, pcfg))
+        rows.append(bench_point(T, B, k, reps, T <= args.dense_max, log, pcfg, flex=not args.no_flex))
         if args.json:  # after every point: a run stopped at its time limit keeps what it measured
             import json
 
@@ -362,13 +379,13 @@ def main():
             with open(args.json, "w") as fh:
                 json.dump(dict(rows=rows, log=lines, check=ok, argv=sys.argv, partial=True), fh, indent=1)
         if args.tiles and T <= 131072:
-            f = tile_visit_fraction(T, B, k)
+            f = tile_visit_fraction(T, B, k, H, D)
             rows[-1]["tile_frac"] = f
             log(f"tile-sparse (128x128) visit fraction for MoBA picks at T={T}: {f:.3f} of causal tiles")
     hdr = ("| T | chunk/topk | MoBA fwd ms | MoBA fwd+bwd ms | cuDNN fwd ms | cuDNN fwd+bwd ms | flash fwd ms | "
            "flash fwd+bwd ms | speed-up vs cuDNN fwd / fwd+bwd | queued: MoBA / cuDNN fwd+bwd ms, speed-up | "
-           "MoBA peak GiB (over inputs) |")
-    table = [hdr, "|" + "---|" * 11]
+           "MoBA peak GiB (over inputs) | Flex chunk-level fwd / fwd+bwd ms | MoBA vs Flex fwd+bwd |")
+    table = [hdr, "|" + "---|" * 13]
     for r in rows:
         def f(x):
             return f"{r[x]:.1f}" if x in r else "-"
@@ -377,7 +394,9 @@ def main():
         qd = (f"{r['moba_fb_q']:.2f} / {r['cudnn_fb_q']:.2f}, {r['cudnn_fb_q'] / r['moba_fb_q']:.2f}x"
               if "cudnn_fb_q" in r else "-")
         table.append(f"| {r['T']} | {r['B']}/{r['topk']} | {f('moba_fwd')} | {f('moba_fb')} | {f('cudnn_fwd')} | "
-                     f"{f('cudnn_fb')} | {f('flash_fwd')} | {f('flash_fb')} | {sp} | {qd} | {r['moba_peak_gb']:.2f} |")
+                     f"{f('cudnn_fb')} | {f('flash_fwd')} | {f('flash_fb')} | {sp} | {qd} | {r['moba_peak_gb']:.2f} | "
+                     f"{f('flex_fwd')} / {f('flex_fb')} | "
+                     + (f"{r['flex_fb'] / r['moba_fb']:.2f}x |" if "flex_fb" in r else "- |"))
     for t in table:
         log(t)
     log(f"check {'passed' if ok else 'FAILED'}")
