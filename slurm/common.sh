@@ -166,17 +166,5 @@ megamod_requeue_on_failure() {
     fi
     megamod_log "a rank failed (srun exit $rc): requeueing, restart $((restarts + 1)) of $max;" \
         "the job resumes from the newest complete checkpoint"
-    if ! scontrol requeue "$SLURM_JOB_ID"; then
-        megamod_log "scontrol requeue failed: resubmit the job to resume"
-        return 0
-    fi
-    # Slurm now ends this attempt itself (SIGTERM, then SIGKILL) and queues the job again. Exiting
-    # first, with the failure code, races that: a loaded controller can record the attempt as
-    # FAILED and never start the next one. So wait to be ended (bounded, in case it never comes).
-    local waited
-    for ((waited = 0; waited < ${MEGAMOD_REQUEUE_WAIT_S:-300}; waited++)); do
-        [[ -n ${MEGAMOD_GOT_TERM:-} ]] && return 0
-        sleep 1
-    done
-    megamod_log "Slurm did not end the requeued attempt in ${MEGAMOD_REQUEUE_WAIT_S:-300} s: exiting"
+    scontrol requeue "$SLURM_JOB_ID" || megamod_log "scontrol requeue failed: resubmit the job to resume"
 }
