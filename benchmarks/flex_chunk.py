@@ -64,8 +64,7 @@ def chunk_block_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) ->
     full = torch.cat([pick_tiles, before.expand(h, nq, per)], -1)
     ok = torch.cat([pick_ok, before_ok.expand(h, nq, per)], -1)
     # real entries first, in ascending tile order (FlexAttention reads the first num_blocks)
-    full = torch.where(ok, full, t // TILE + full.new_zeros(()))  # not real: sorts last
-    full = full.sort(-1).values
+    full = full.masked_fill(~ok, nq).sort(-1).values  # not real: index nq, sorts last
     full_num = ok.sum(-1).to(torch.int32)
     # index rows as wide as the key tiles (BlockMask's layout); the tail past num_blocks is unread
     full_idx = torch.zeros(h, nq, nq, dtype=torch.int32, device=dev)

@@ -136,13 +136,13 @@ def bench_flex(q, k, v, do, B, topk, reps, row, log):
     T = q.shape[0]
     qf, kf, vf, dof = (x.detach().view(1, T, H, D).transpose(1, 2) for x in (q, k, v, do))  # [1, H, T, D]
     qf.requires_grad_(), kf.requires_grad_(), vf.requires_grad_()
-    t0 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    t0[0].record()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
     mask = chunk_block_mask(qf, kf, B, topk)
-    t0[1].record()
+    end.record()
     torch.cuda.synchronize()
     fn = torch.compile(flex_attention, dynamic=False)
-    out = {"flex_mask_ms": t0[0].elapsed_time(t0[1])}
+    out = {"flex_mask_ms": start.elapsed_time(end)}
 
     def f_fwd():
         with torch.no_grad():
